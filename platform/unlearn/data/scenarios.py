@@ -1,0 +1,141 @@
+"""Forget scenarios: class, random, and concept under label-domain mismatch (TARF's four cases).
+
+| mismatch    | model trained on | target concept  | forget data given        |
+| all_matched | classes          | a class         | all of that class        |
+| target      | classes          | a superclass    | one (or some) of its classes |
+| model       | superclasses     | one class       | all of that class        |
+| data        | superclasses     | a superclass    | one (or some) of its classes |
+
+Methods see `forget` (the given data) and `remain` (the rest of the training set, which in the
+target/data cases still holds part of the target concept). Retrain sees `retain` (training data
+outside the whole target concept). FA and MIA are measured on `target`, RA on `retain`, TA on
+`test` outside the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from unlearn.data.base import ImageDataset
+from unlearn.errors import SpecError
+from unlearn.spec import ForgetSpec
+
+
+@dataclass
+class Split:
+    x: np.ndarray
+    y: np.ndarray  # labels at the model's level (class or superclass)
+    index: np.ndarray  # row ids in the dataset's train (or test) arrays
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Splits:
+    label_level: str  # "class" | "superclass"
+    num_outputs: int
+    train: Split  # all training data: the original model's
+    forget: Split  # D_f as handed to the methods
+    remain: Split  # train minus forget: the methods' retain stream
+    retain: Split  # train minus the whole target concept: retrain's data, RA
+    target: Split  # all training data of the target concept: FA, MIA
+    test: Split  # test data outside the target concept: TA
+    target_labels: list[int]  # model-level labels the target concept occupies (empty for random)
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    def sizes(self) -> dict[str, int]:
+        return {"forget": len(self.forget), "retain": len(self.retain), "test": len(self.test),
+                "remain": len(self.remain), "target": len(self.target)}
+
+
+def _take(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> Split:
+    idx = np.flatnonzero(mask)
+    return Split(x[idx], y[idx], idx)
+
+
+def _check_classes(ds: ImageDataset, classes: list[int], field_name: str) -> None:
+    bad = [c for c in classes if not 0 <= c < ds.num_classes]
+    if bad:
+        raise SpecError(field_name, f"class {bad[0]} is not in dataset '{ds.name}' (classes are 0..{ds.num_classes - 1})")
+
+
+def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int) -> Splits:
+    """Build every split a job needs from a dataset and a forget spec."""
+    cls_train, cls_test = ds.y_train, ds.y_test
+    sup_train, sup_test = ds.superclass_of[cls_train], ds.superclass_of[cls_test]
+    describe: dict[str, Any] = {"kind": spec.kind}
+
+    if spec.kind in ("class", "random") or spec.mismatch in ("all_matched", "target"):
+        level, labels_train, labels_test, n_out = "class", cls_train, cls_test, ds.num_classes
+    else:
+        level, labels_train, labels_test, n_out = "superclass", sup_train, sup_test, ds.num_superclasses
+
+    if spec.kind == "class":
+        _check_classes(ds, spec.classes, "forget.classes")
+        given = np.isin(cls_train, spec.classes)
+        target_train, target_test = given, np.isin(cls_test, spec.classes)
+        target_labels = list(spec.classes)
+        describe["classes"] = list(spec.classes)
+    elif spec.kind == "random":
+        rng = np.random.default_rng(seed)
+        n_forget = int(round(spec.fraction * len(cls_train)))
+        if n_forget == 0:
+            raise SpecError("forget.fraction", f"{spec.fraction} of {len(cls_train)} training samples is an empty forget set")
+        given = np.zeros(len(cls_train), dtype=bool)
+        given[rng.choice(len(cls_train), n_forget, replace=False)] = True
+        target_train, target_test = given, np.zeros(len(cls_test), dtype=bool)
+        target_labels = []
+        describe.update(fraction=spec.fraction, seed=seed)
+    else:
+        given, target_train, target_test, target_labels = _concept(ds, spec, cls_train, cls_test, describe)
+
+    if not given.any():
+        raise SpecError("forget", "the forget set is empty (no training sample matches the forget spec)")
+    if target_train.all():
+        raise SpecError("forget", "the forget spec covers the whole training set: nothing would be retained")
+    x = ds.x_train
+    splits = Splits(
+        label_level=level,
+        num_outputs=n_out,
+        train=Split(x, labels_train, np.arange(len(labels_train))),
+        forget=_take(x, labels_train, given),
+        remain=_take(x, labels_train, ~given),
+        retain=_take(x, labels_train, ~target_train),
+        target=_take(x, labels_train, target_train),
+        test=_take(ds.x_test, labels_test, ~target_test),
+        target_labels=target_labels,
+        describe=describe,
+    )
+    if len(np.unique(splits.retain.y)) < 2 and n_out > 1:
+        raise SpecError("forget", "fewer than two labels remain after forgetting: nothing meaningful to retain")
+    return splits
+
+
+def _concept(ds: ImageDataset, spec: ForgetSpec, cls_train: np.ndarray, cls_test: np.ndarray,
+             describe: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """(given mask, target mask train, target mask test, target labels) of a concept scenario."""
+    t = spec.target
+    describe.update(mismatch=spec.mismatch, target=t)
+    if spec.mismatch in ("all_matched", "model"):
+        _check_classes(ds, [t], "forget.target")
+        target_classes = [t]
+        given_classes = spec.given or [t]
+        target_labels = [t] if spec.mismatch == "all_matched" else [int(ds.superclass_of[t])]
+    else:
+        if not 0 <= t < ds.num_superclasses:
+            raise SpecError("forget.target", f"superclass {t} is not in dataset '{ds.name}' (superclasses are 0..{ds.num_superclasses - 1})")
+        target_classes = ds.classes_of(t)
+        given_classes = spec.given or target_classes[:1]
+        target_labels = target_classes if spec.mismatch == "target" else [t]
+    _check_classes(ds, given_classes, "forget.given")
+    outside = sorted(set(given_classes) - set(target_classes))
+    if outside:
+        raise SpecError("forget.given", f"classes {outside} are not part of the target concept (its classes: {target_classes})")
+    describe["given"] = list(given_classes)
+    describe["target_classes"] = list(target_classes)
+    return (np.isin(cls_train, given_classes), np.isin(cls_train, target_classes),
+            np.isin(cls_test, target_classes), target_labels)

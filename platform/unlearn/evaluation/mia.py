@@ -1,0 +1,37 @@
+"""MIA-efficacy (SalUn / l1-sparse): how much of the forget set a membership attack calls non-member.
+
+Feature: the model's softmax confidence of the true label. An SVC (RBF, C = 3) learns retain
+(member) vs test (non-member) on balanced samples; MIA = 100 x share of the forget set predicted
+non-member. Retrain has MIA near 100 on a forgotten class (it never saw it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SVC_C = 3.0  # SalUn's setting
+MAX_PER_SIDE = 5000  # cap on SVC training rows per side: SVC cost grows quadratically
+
+
+def true_label_confidence(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return probs[np.arange(len(y)), y]
+
+
+def mia_efficacy(p_retain: np.ndarray, y_retain: np.ndarray, p_test: np.ndarray, y_test: np.ndarray,
+                 p_forget: np.ndarray, y_forget: np.ndarray, seed: int = 0) -> float:
+    """Percent of forget samples the attack predicts as non-members."""
+    from sklearn.svm import SVC
+
+    if len(y_forget) == 0 or len(y_test) == 0 or len(y_retain) == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    n = min(len(y_retain), len(y_test), MAX_PER_SIDE)
+    r_idx = rng.choice(len(y_retain), n, replace=False)
+    t_idx = rng.choice(len(y_test), n, replace=False)
+    feats = np.concatenate([true_label_confidence(p_retain[r_idx], y_retain[r_idx]),
+                            true_label_confidence(p_test[t_idx], y_test[t_idx])])[:, None]
+    labels = np.concatenate([np.ones(n), np.zeros(n)])
+    clf = SVC(C=SVC_C, gamma="auto", kernel="rbf")
+    clf.fit(feats, labels)
+    pred = clf.predict(true_label_confidence(p_forget, y_forget)[:, None])
+    return float(100.0 * np.mean(pred == 0))

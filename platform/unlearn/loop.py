@@ -1,0 +1,156 @@
+"""The step loop every run goes through, in one process or inside a Ray Train worker.
+
+It reads like a plain PyTorch loop: set up the method, then for each step draw a forget batch and a
+retain batch (only the streams the method uses), call `method.step`, check the losses are finite,
+advance the LR schedule, and hand an epoch summary to `on_epoch` (the Ray engine reports and
+checkpoints there). Batch sizes are global: each of N workers draws batch_size / N rows, so N
+workers take the same number of steps as one and DDP's averaged gradient is the full batch's.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from unlearn.errors import DivergedError
+from unlearn.methods.base import Batch, Context, Method
+
+
+class Stream(Protocol):
+    """A worker's view of one split."""
+
+    size: int  # rows in the whole split (all workers)
+
+    def batches(self) -> Iterator[Batch]: ...  # endless, reshuffled every pass
+    def one_pass(self) -> Iterator[Batch]: ...  # this worker's shard once, in order
+
+
+class ArrayStream:
+    """Batches from in-memory arrays; shard `rank` of `world` (contiguous rows after a seeded shuffle).
+
+    A split smaller than the worker count is replicated (rows repeat round-robin) so every worker
+    draws real data each step: DDP needs every worker to take every step.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, rank: int = 0,
+                 world: int = 1, device: torch.device | str = "cpu", index: np.ndarray | None = None) -> None:
+        self.size = len(y)
+        self.batch_size = max(1, math.ceil(batch_size / world))
+        order = np.random.default_rng(seed).permutation(self.size) if self.size else np.arange(0)
+        if 0 < self.size < world:
+            order = np.resize(order, world)
+        mine = order[rank::world]
+        self.x = torch.from_numpy(np.ascontiguousarray(x[mine]))
+        self.y = torch.from_numpy(np.ascontiguousarray(y[mine]))
+        self.index = torch.from_numpy(np.asarray(index if index is not None else np.arange(self.size))[mine])
+        self.seed, self.rank, self.device = seed, rank, torch.device(device)
+
+    def _batch(self, rows: torch.Tensor) -> Batch:
+        return Batch(self.x[rows].to(self.device), self.y[rows].to(self.device), self.index[rows].to(self.device))
+
+    def batches(self) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
+        n = len(self.y)
+        if n == 0:
+            return
+        pending = torch.empty(0, dtype=torch.long)
+        while True:
+            while len(pending) < self.batch_size:  # wrap into the next shuffled pass: every batch is full
+                pending = torch.cat([pending, torch.randperm(n, generator=gen)])
+            rows, pending = pending[: self.batch_size], pending[self.batch_size:]
+            yield self._batch(rows)
+
+    def one_pass(self) -> Iterator[Batch]:
+        for start in range(0, len(self.y), self.batch_size):
+            yield self._batch(torch.arange(start, min(start + self.batch_size, len(self.y))))
+
+
+def total_steps(method: Method, forget_size: int, retain_size: int) -> int:
+    """`steps` if declared, else `epochs` passes over the primary stream at the global batch size."""
+    p = method.params
+    if p.steps is not None:
+        return p.steps
+    size = forget_size if method.primary == "forget" else retain_size
+    return max(1, math.ceil(p.epochs * size / p.batch_size))
+
+
+def steps_per_epoch(method: Method, forget_size: int, retain_size: int) -> int:
+    size = forget_size if method.primary == "forget" else retain_size
+    return max(1, math.ceil(size / method.params.batch_size))
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, steps: int):
+    """Cosine (to 0 over the run) or none."""
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+    return None
+
+
+@dataclass
+class EpochSummary:
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+    losses: dict[str, float]
+    seconds: float
+
+
+@dataclass
+class LoopResult:
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per step: step + losses
+
+
+def run(method: Method, ctx: Context, forget: Stream, retain: Stream, *, start_step: int = 0,
+        on_epoch: Callable[[EpochSummary], None] | None = None, label: str | None = None,
+        log_every: int = 1, verbose: bool = True) -> LoopResult:
+    """Run `method` from `start_step` to `ctx.total_steps`; returns timing and per-step losses."""
+    label = label or method.name
+    t_start = time.perf_counter()
+    method.setup(ctx)
+    if ctx.resume_method_state:
+        method.load_state_dict(ctx.resume_method_state)
+    per_epoch = steps_per_epoch(method, forget.size, retain.size)
+    n_epochs = math.ceil(ctx.total_steps / per_epoch)
+    forget_it = forget.batches() if "forget" in method.uses else None
+    retain_it = retain.batches() if "retain" in method.uses else None
+    history: list[dict[str, float]] = []
+    running: dict[str, list[float]] = {}
+    ctx.model.train()
+    for step in range(start_step, ctx.total_steps):
+        ctx.step = step
+        ctx.logged = {}
+        f_batch = next(forget_it) if forget_it is not None else None
+        r_batch = next(retain_it) if retain_it is not None else None
+        losses = method.step(ctx, f_batch, r_batch)
+        losses.update(ctx.logged)
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            name, value = next(iter(bad.items()))
+            raise DivergedError(f"{label}: {name} became {value} at step {step + 1}/{ctx.total_steps} (try a lower lr)")
+        if ctx.scheduler is not None:
+            ctx.scheduler.step()
+        for k, v in losses.items():
+            running.setdefault(k, []).append(v)
+        if step % log_every == 0:
+            history.append({"step": step, **losses})
+        done = step + 1
+        if done % per_epoch == 0 or done == ctx.total_steps:
+            summary = EpochSummary(
+                epoch=math.ceil(done / per_epoch), epochs=n_epochs, step=done, total_steps=ctx.total_steps,
+                losses={k: float(np.mean(v)) for k, v in running.items()}, seconds=time.perf_counter() - t_start)
+            running = {}
+            if verbose and ctx.comm.rank == 0:
+                shown = " ".join(f"{k}={v:.4f}" for k, v in summary.losses.items())
+                print(f"  [{label}] epoch {summary.epoch}/{n_epochs} step {done}/{ctx.total_steps} {shown} "
+                      f"({summary.seconds:.1f}s)", file=sys.stderr, flush=True)
+            if on_epoch is not None:
+                on_epoch(summary)
+    return LoopResult(seconds=time.perf_counter() - t_start, history=history)

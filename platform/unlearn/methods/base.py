@@ -1,0 +1,134 @@
+"""The method interface: what an unlearning method is, independent of where it runs.
+
+A method is tensor maths: `setup` once (saliency masks, teacher copies, scores), then `step` per
+optimisation step on one forget batch and one retain batch. It never imports Ray; whole-set
+quantities go through `ctx.comm`, so the same code is exact on one process or N Ray workers.
+The task (classification or diffusion) is behind `ctx.loss`, so task-agnostic methods (ft, ga,
+sfr_on, salun, ...) serve both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterator, NamedTuple
+
+import torch
+from torch import nn
+
+from unlearn.comm import Comm, LocalComm
+from unlearn.params import MethodParams
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor  # global row ids in their split (stable across workers and restarts)
+
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # per-sample task loss, shape (batch,)
+
+
+@dataclass
+class Context:
+    """Everything a method may touch during a run."""
+
+    model: nn.Module  # being unlearned; DDP/FSDP-wrapped on Ray: call it, step with ctx.optimizer
+    module: nn.Module  # the same weights, unwrapped: for setup passes that must not trigger DDP hooks
+    original: nn.Module  # frozen copy of the model before unlearning, eval mode
+    optimizer: torch.optim.Optimizer
+    params: MethodParams
+    loss: LossFn
+    task: str  # "classification" | "diffusion"
+    num_classes: int
+    forget_size: int  # global sizes (all workers)
+    retain_size: int
+    forget_batches: Callable[[], Iterator[Batch]]  # one pass over this worker's forget shard
+    retain_batches: Callable[[], Iterator[Batch]]
+    comm: Comm = field(default_factory=LocalComm)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    step: int = 0
+    total_steps: int = 1
+    seed: int = 0
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    logged: dict[str, float] = field(default_factory=dict)
+    resume_method_state: dict | None = None  # the method's own state from a checkpoint, if resuming
+
+    def log(self, **values: float) -> None:
+        """Record values (besides the returned losses) for this step's log line."""
+        self.logged.update({k: float(v) for k, v in values.items()})
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the run done, in [0, 1)."""
+        return self.step / max(self.total_steps, 1)
+
+
+class Method:
+    """Base class: subclasses set the class attributes and implement `step` (and maybe `setup`)."""
+
+    name: ClassVar[str]
+    uses: ClassVar[frozenset[str]]  # subset of {"forget", "retain"}
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    tasks: ClassVar[frozenset[str]] = frozenset({"classification"})
+    primary: ClassVar[str] = "forget"  # the stream `epochs` counts passes over
+    from_scratch: ClassVar[bool] = False  # True: weights are re-initialised in setup (retrain)
+
+    def __init__(self, params: MethodParams | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def setup(self, ctx: Context) -> None:
+        """Once before the first step."""
+
+    def step(self, ctx: Context, forget: Batch | None, retain: Batch | None) -> dict[str, float]:
+        """One optimisation step; returns the losses to log."""
+        raise NotImplementedError(f"{type(self).__name__} must implement step()")
+
+    def state_dict(self) -> dict:
+        """Method state that a resumed run needs beyond the weights (scores, masks made mid-run)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` output after `setup` when resuming from a checkpoint."""
+
+    # --- helpers shared by many methods -------------------------------------------------------
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The optimizer the params declare (subclasses may override)."""
+        return build_optimizer(model.parameters(), self.params)
+
+    @staticmethod
+    def apply(ctx: Context, loss: torch.Tensor, mask: dict[str, torch.Tensor] | None = None) -> None:
+        """zero_grad, backward, optional gradient mask and clipping, optimizer step."""
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if mask is not None:
+            apply_grad_mask(ctx.module, mask)
+        clip = ctx.params.clip_grad
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(ctx.model.parameters(), clip)
+        ctx.optimizer.step()
+
+
+def build_optimizer(parameters, params: MethodParams) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW from declared params."""
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
+    if params.optimizer == "adam":
+        return torch.optim.Adam(parameters, lr=params.lr, weight_decay=params.weight_decay)
+    return torch.optim.AdamW(parameters, lr=params.lr, weight_decay=params.weight_decay)
+
+
+def apply_grad_mask(module: nn.Module, mask: dict[str, torch.Tensor]) -> None:
+    """Zero the gradient of every weight outside the saliency mask (mask keyed by parameter name)."""
+    for name, p in module.named_parameters():
+        if p.grad is not None and name in mask:
+            p.grad.mul_(mask[name])
+
+
+def grads_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the current gradients, keyed by parameter name (zeros where None)."""
+    return {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in module.named_parameters()
+    }

@@ -1,0 +1,27 @@
+"""GA: gradient ascent on the forget data (minimise -loss), few steps, small learning rate."""
+
+from __future__ import annotations
+
+from unlearn.methods import register
+from unlearn.methods.base import Batch, Context, Method
+from unlearn.params import MethodParams, hparam, loguniform
+
+
+class GAParams(MethodParams):
+    lr: float = hparam(1e-3, gt=0, le=10, search=loguniform(1e-5, 1e-1), paper="Thudi et al. 2022; SalUn sweeps 1e-5..1e-3")
+    epochs: float = hparam(3.0, gt=0, le=1000, help="passes over the forget data")
+
+
+@register
+class GA(Method):
+    name = "ga"
+    uses = frozenset({"forget"})
+    tasks = frozenset({"classification", "diffusion"})
+    Params = GAParams
+    paper = "Thudi et al. 2022 (gradient ascent)"
+    summary = "gradient ascent on the forget set"
+
+    def step(self, ctx: Context, forget: Batch | None, retain: Batch | None) -> dict[str, float]:
+        loss = ctx.loss(ctx.model, forget).mean()
+        self.apply(ctx, -loss)
+        return {"forget_loss": loss.item()}

@@ -1,0 +1,253 @@
+"""The job spec: one YAML per experiment, validated before any work starts.
+
+The schema follows ARCHITECTURE.md. Method parameters are checked against each method's declared
+parameter model by `unlearn.methods.validate_methods` (this module must not import torch or ray).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from unlearn.errors import BadInput, SpecError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(Strict):
+    name: Literal["digits", "cifar10", "cifar100", "parquet", "synthetic"]
+    root: str | None = None  # folder (cifar10/cifar100) or file/folder (parquet)
+    test_fraction: float = Field(0.25, gt=0, lt=1)  # datasets without an official test split
+    # synthetic only: sizes and resolution (defaults: the cnn trains in a few minutes on 2 cores)
+    num_train: int = Field(8000, ge=20, le=1_000_000)
+    num_test: int = Field(2000, ge=20, le=1_000_000)
+    image_size: int = Field(32, ge=8, le=256)
+    # parquet only: column names
+    image_column: str = "image"
+    label_column: str = "label"
+    superclass_column: str | None = None
+    # optional resize of every image (e.g. digits 8x8 -> 16x16 for diffusion models)
+    resize: int | None = Field(None, ge=4, le=512)
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> "DatasetSpec":
+        if self.name in ("cifar10", "cifar100", "parquet") and not self.root:
+            raise ValueError(f"dataset.root is required for dataset '{self.name}' (a local folder or file)")
+        return self
+
+
+class ModelSpec(Strict):
+    name: Literal["mlp", "cnn", "resnet18", "ddpm"]
+    hidden: list[int] = Field(default_factory=lambda: [256, 128])  # mlp
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128])  # cnn; ddpm block widths
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # ddpm only
+    layers_per_block: int = Field(1, ge=1, le=4)
+    train_timesteps: int = Field(1000, ge=10, le=4000)
+    sample_steps: int = Field(50, ge=5, le=1000)  # DDIM steps at evaluation
+    guidance_scale: float = Field(1.0, ge=0, le=20)  # classifier-free guidance (1: off)
+    cond_dropout: float = Field(0.1, ge=0, lt=1)  # label dropout while training, enables guidance
+
+
+class OptimizerSpec(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+
+
+class TrainSpec(Strict):
+    """The recipe of the original model; retrain uses the same recipe on the retain data."""
+
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+
+
+class ForgetSpec(Strict):
+    kind: Literal["class", "random", "concept"]
+    classes: list[int] | None = None
+    fraction: float | None = Field(None, gt=0, lt=1)
+    mismatch: Literal["all_matched", "target", "model", "data"] = "all_matched"
+    target: int | None = Field(None, ge=0)
+    given: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "ForgetSpec":
+        if self.kind == "class":
+            if not self.classes:
+                raise ValueError("forget.classes must list at least one class for kind 'class' (empty forget set)")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("forget.classes has duplicates")
+        if self.kind == "random" and self.fraction is None:
+            raise ValueError("forget.fraction is required for kind 'random' (a number in (0, 1))")
+        if self.kind == "concept" and self.target is None:
+            raise ValueError("forget.target is required for kind 'concept'")
+        return self
+
+
+class MethodSpec(Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None  # run name when one method appears twice (e.g. two settings)
+
+    @property
+    def run_name(self) -> str:
+        return self.label or self.name
+
+
+class RaySpec(Strict):
+    enabled: bool = True  # false: run every method in this process (tests, laptops without Ray)
+    num_workers: int = Field(2, ge=1, le=4096)
+    use_gpu: bool = False
+    address: str | None = None  # null: start Ray locally
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    max_failures: int = Field(2, ge=0, le=100)
+    cpus_per_worker: float = Field(1.0, gt=0, le=256)
+
+
+class TrackingSpec(Strict):
+    enabled: bool = True
+    uri: str | None = None  # null: MLFLOW_TRACKING_URI, else sqlite:///./mlruns.db + ./mlartifacts
+    experiment: str | None = None  # null: the job name
+
+
+class TuneSpec(Strict):
+    """`unlearn tune` settings; the search space is checked against the method's declared ranges."""
+
+    method: str | None = None
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    num_samples: int = Field(12, ge=1, le=100_000)
+    max_concurrent: int = Field(2, ge=1, le=4096)
+    metric: Literal["gap", "proxy"] = "gap"
+    mode: Literal["min", "max"] = "min"
+    search: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    in_process: bool = False  # run each trial in the Tune actor (tiny models) instead of a TorchTrainer
+    reports: int = Field(4, ge=1, le=1000)  # per-trial progress reports ASHA can act on
+
+
+class EvalSpec(Strict):
+    mia: bool = True
+    samples_per_class: int = Field(64, ge=1, le=100_000)  # diffusion: generated images per class
+    grid_per_class: int = Field(8, ge=1, le=64)
+
+
+class JobSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    dataset: DatasetSpec
+    model: ModelSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    forget: ForgetSpec
+    methods: list[MethodSpec] = Field(min_length=1)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    cache_dir: str = ".cache/unlearn"
+
+    @model_validator(mode="after")
+    def _unique_runs(self) -> "JobSpec":
+        names = [m.run_name for m in self.methods]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"methods: run names must be unique, {dup} repeats (give one a 'label')")
+        return self
+
+
+def _format_error(err: ValidationError) -> SpecError:
+    """The first validation error as one line naming the field and what is allowed."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):
+        msg = f"{msg} (got {first['input']!r})"
+    msg = msg.removeprefix("Value error, ")
+    return SpecError(loc, msg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=value` -> (['a','b','0','c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise BadInput(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise BadInput(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides to raw spec data (before validation), creating mappings as needed."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise BadInput(f"--set {text!r}: '{part}' is not an index of a {len(node)}-item list")
+                idx = int(part)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise BadInput(f"--set {text!r}: '{'.'.join(path[:i])}' is not a mapping")
+    return data
+
+
+def validate(data: Any) -> JobSpec:
+    """Raw data -> JobSpec, or SpecError naming the field."""
+    if not isinstance(data, dict):
+        raise SpecError("", "the job spec must be a YAML mapping")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise _format_error(err) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with one-line errors for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"job spec not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise BadInput(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise SpecError("", f"{path}: the job spec must be a YAML mapping")
+    return data
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load, override and validate a job spec file."""
+    return validate(apply_overrides(read_yaml(path), overrides or []))
+
+
+def dump(spec: JobSpec) -> str:
+    """The resolved spec as YAML (every default filled in)."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

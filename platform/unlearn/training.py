@@ -1,0 +1,84 @@
+"""The original model: trained from the spec's `train` recipe, cached by a content hash.
+
+Original training and retrain are the same run (the `retrain` method: fresh weights, cross-entropy
+on its data) on different data: the whole training set vs the retain set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unlearn.data.scenarios import Split, Splits
+from unlearn.execution import Executor, LocalExecutor, RunRequest
+from unlearn.spec import JobSpec, TrainSpec
+
+CACHE_VERSION = 1  # bump when training semantics change so old cached originals are not reused
+
+
+def recipe_params(train: TrainSpec) -> dict[str, Any]:
+    """The `retrain` method's params equal to a train recipe."""
+    opt = train.optimizer
+    return {"epochs": float(train.epochs), "batch_size": train.batch_size, "optimizer": opt.name, "lr": opt.lr,
+            "momentum": opt.momentum, "weight_decay": opt.weight_decay, "lr_schedule": train.lr_schedule}
+
+
+def empty_split(like: Split) -> Split:
+    return Split(like.x[:0], like.y[:0], like.index[:0])
+
+
+def original_key(spec: JobSpec, splits: Splits) -> str:
+    """Content hash of everything the original model depends on."""
+    payload = {"dataset": spec.dataset.model_dump(mode="json"), "label_level": splits.label_level,
+               "model": spec.model.model_dump(mode="json"), "train": spec.train.model_dump(mode="json"),
+               "seed": spec.seed, "version": CACHE_VERSION, "n_train": len(splits.train)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def original_model(spec: JobSpec, splits: Splits, input_shape: tuple[int, ...], executor: Executor,
+                   task: str = "classification") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, info) of the original model: from the cache, or trained now and cached."""
+    key = original_key(spec, splits)
+    path = Path(spec.cache_dir) / "models" / f"{key}.pt"
+    if path.is_file():
+        print(f"original model: cached ({path})", file=sys.stderr, flush=True)
+        return torch.load(path, map_location="cpu"), {"cached": True, "key": key, "seconds": 0.0}
+    print(f"original model: training {spec.model.name} on {len(splits.train)} samples "
+          f"({spec.train.epochs} epochs)", file=sys.stderr, flush=True)
+    request = RunRequest(label="original", method="retrain", params=recipe_params(spec.train), model=spec.model,
+                         num_outputs=splits.num_outputs, input_shape=input_shape, initial_state=None,
+                         forget=empty_split(splits.train), retain=splits.train, task=task, seed=spec.seed)
+    out = executor.run(request)
+    _atomic_save(out.state, path)
+    return out.state, {"cached": False, "key": key, "seconds": out.seconds}
+
+
+def fit_classifier(model: nn.Module, x_train: np.ndarray, y_train: np.ndarray, train_spec: TrainSpec,
+                   seed: int, verbose: bool = True) -> nn.Module:
+    """Train `model` (fresh) in this process with a recipe: benchmarks, evaluation classifiers."""
+    split = Split(x_train, y_train, np.arange(len(y_train)))
+    num_outputs = int(y_train.max()) + 1
+    request = RunRequest(label="fit", method="retrain", params=recipe_params(train_spec), model=None,
+                         num_outputs=num_outputs, input_shape=tuple(x_train.shape[1:]), initial_state=None,
+                         forget=empty_split(split), retain=split, seed=seed)
+    device = next(model.parameters()).device
+    out = LocalExecutor(str(device)).run(request, module=model, verbose=verbose)
+    model.load_state_dict(out.state)
+    return model

@@ -45,4 +45,33 @@ def versus_reference(metrics: dict[str, float], out: Outputs, ref_metrics: dict[
     return {"gap": gap(metrics, ref_metrics), "KL": kl_divergence(ref_out.test, out.test)}
 
 
-__all__ = ["Outputs", "outputs", "classification_metrics", "versus_reference"]
+class ClassificationEvaluator:
+    """FA/RA/TA/MIA of a model on a job's splits, and Gap/KL against a reference."""
+
+    def __init__(self, splits: Splits, mia: bool = True, seed: int = 0) -> None:
+        self.splits, self.mia, self.seed = splits, mia, seed
+
+    def evaluate(self, model: nn.Module) -> tuple[dict[str, float], Outputs]:
+        out = outputs(model, self.splits)
+        return classification_metrics(out, self.splits, self.mia, self.seed), out
+
+    def compare(self, metrics: dict[str, float], out: Outputs, ref_metrics: dict[str, float],
+                ref_out: Outputs) -> dict[str, float]:
+        return versus_reference(metrics, out, ref_metrics, ref_out)
+
+    def artifacts(self, model: nn.Module, name: str, folder) -> list:
+        """Extra files to attach to a method's run (none for classifiers)."""
+        return []
+
+
+def build_evaluator(task: str, splits: Splits, spec, dataset):
+    """The evaluator of a task: classification metrics, or diffusion FA/FD (evaluation/diffusion.py)."""
+    if task == "classification":
+        return ClassificationEvaluator(splits, mia=spec.eval.mia, seed=spec.seed)
+    from unlearn.evaluation.diffusion import DiffusionEvaluator
+
+    return DiffusionEvaluator(splits, spec, dataset)
+
+
+__all__ = ["Outputs", "outputs", "classification_metrics", "versus_reference", "ClassificationEvaluator",
+           "build_evaluator"]

@@ -9,7 +9,7 @@ from unlearn.params import MethodParams, hparam, loguniform
 
 class FTParams(MethodParams):
     lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 1e-1), paper="SalUn/l1-sparse: lr 0.01-0.1, 10 epochs")
-    epochs: float = hparam(2.0, gt=0, le=1000, help="passes over the retain data")
+    epochs: float = hparam(5.0, gt=0, le=1000, help="passes over the retain data")
 
 
 @register

@@ -1,0 +1,122 @@
+"""`unlearn run | tune | methods | report`: wiring only; the work lives in job.py, tuning.py, tracking.py.
+
+Exit codes: 0 done, 2 bad spec or usage (one line naming the cause), 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable
+
+from unlearn.errors import BadInput
+
+DEFAULT_JOB = Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from unlearn import spec as spec_mod
+    from unlearn.job import run_job
+
+    spec = spec_mod.load(args.job, args.set)
+    run_job(spec, Path(args.out) if args.out else None)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from unlearn.methods import REGISTRY
+    from unlearn.params import bounds, field_doc
+
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        print(f"{name}: {cls.summary}")
+        print(f"  uses: {', '.join(sorted(cls.uses))}; tasks: {', '.join(sorted(cls.tasks))}; paper: {cls.paper}")
+        for pname, field in cls.Params.model_fields.items():
+            help_text, paper, search = field_doc(field)
+            low, high = bounds(field)
+            rng = f" range [{low}, {high}]" if low is not None or high is not None else ""
+            tune = f" search {search['kind']}({search['low']}, {search['high']})" if search and search["kind"] != "choice" else (
+                f" search choice{list(search['values'])}" if search else "")
+            src = f" [{paper}]" if paper else ""
+            print(f"    {pname} = {field.default!r}{rng}{tune}  {help_text}{src}")
+        print()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from unlearn.reporting import report
+
+    print(report(args.experiment, args.tracking_uri))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from unlearn import spec as spec_mod
+    from unlearn.tuning import resume_tune, run_tune
+
+    if args.resume:
+        resume_tune(Path(args.resume))
+        return 0
+    if not args.job:
+        raise BadInput("unlearn tune: give a JOB.yaml (or --resume DIR)")
+    spec = spec_mod.load(args.job, args.set)
+    run_tune(spec, method=args.method, num_samples=args.num_samples, out_dir=Path(args.out) if args.out else None)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unlearn", description="Machine unlearning at cluster scale (Ray + MLflow).")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a job: every method of the spec, evaluated against retrain")
+    run.add_argument("job", nargs="?", default=str(DEFAULT_JOB), help="job spec YAML (default: jobs/quickstart.yaml)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. ray.num_workers=1")
+    run.add_argument("--out", help="results folder (default: results/<name>/)")
+    run.set_defaults(fn=cmd_run)
+    methods = sub.add_parser("methods", help="list methods, their parameters, defaults and sources")
+    methods.set_defaults(fn=cmd_methods)
+    report = sub.add_parser("report", help="comparison table from MLflow")
+    report.add_argument("--experiment", help="experiment (job) name; default: every experiment")
+    report.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or ./mlruns.db)")
+    report.set_defaults(fn=cmd_report)
+    if _tuning_available():
+        tune = sub.add_parser("tune", help="Ray Tune search over one method's parameters")
+        tune.add_argument("job", nargs="?", help="job spec YAML")
+        tune.add_argument("--method", help="method to tune (default: the spec's tune.method)")
+        tune.add_argument("--num-samples", type=int, help="trials (default: the spec's tune.num_samples)")
+        tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        tune.add_argument("--out", help="output folder (default: results/<name>-tune-<method>/)")
+        tune.add_argument("--resume", metavar="DIR", help="resume an interrupted search from its output folder")
+        tune.set_defaults(fn=cmd_tune)
+    return p
+
+
+def _tuning_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("unlearn.tuning") is not None
+
+
+def main(argv: list[str] | None = None, exit: Callable[[int], None] = sys.exit) -> int:
+    args = parser().parse_args(argv)
+    try:
+        code = args.fn(args)
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except Exception as err:  # one line for the user; the traceback on request
+        if os.environ.get("UNLEARN_DEBUG"):
+            traceback.print_exc()
+        print(f"failed: {type(err).__name__}: {err}", file=sys.stderr)
+        code = 1
+    exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

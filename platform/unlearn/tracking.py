@@ -1,0 +1,174 @@
+"""MLflow: one experiment per job, a parent run per job, a nested run per method (or Tune trial).
+
+Embedded default: a SQLite store (./mlruns.db) and an artifact folder (./mlartifacts) in the working
+directory (current MLflow refuses the plain ./mlruns file store). `tracking.uri` in the spec or
+MLFLOW_TRACKING_URI point at a server instead (needed for multi-node clusters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import logging
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from unlearn.spec import TrackingSpec
+
+DEFAULT_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+PARAM_VALUE_MAX = 6000  # MLflow's limit on one param value
+
+# MLflow's own chatter (table creation, the pickle-format caution we chose knowingly) drowns the progress lines.
+for _name in ("mlflow.store.db.utils", "mlflow.pytorch", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+def resolve_uri(spec: TrackingSpec) -> str:
+    """Spec URI, else MLFLOW_TRACKING_URI, else the embedded SQLite store in the working directory."""
+    if spec.uri:
+        return spec.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested spec -> {'a.b.c': 'value'} for MLflow params."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for i, v in enumerate(data):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = json.dumps(data) if not isinstance(data, str) else data
+    return {k: v[:PARAM_VALUE_MAX] for k, v in out.items()}
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient with the project's run layout."""
+
+    def __init__(self, spec: TrackingSpec, experiment: str) -> None:
+        self.uri = resolve_uri(spec)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.experiment_name = spec.experiment or experiment
+        self.experiment_id = self._experiment()
+
+    def _experiment(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:"):
+            location = Path(DEFAULT_ARTIFACTS).resolve().as_uri()
+        return self.client.create_experiment(self.experiment_name, artifact_location=location)
+
+    def start(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+        """A new run (nested under `parent` if given); returns its id."""
+        all_tags = dict(tags or {})
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:PARAM_VALUE_MAX]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+
+    def metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        import math
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def history(self, run_id: str, rows: list[dict[str, float]]) -> None:
+        """Per-step losses: rows of {'step': s, name: value, ...}."""
+        import math
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(r["step"])) for r in rows for k, v in r.items()
+                 if k != "step" and math.isfinite(float(v))]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+
+    def artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
+
+    def text(self, run_id: str, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(text)
+            self.client.log_artifact(run_id, str(p))
+
+    def model(self, run_id: str, model: Any, name: str = "model") -> None:
+        """The unlearned model as an MLflow PyTorch model (loadable with mlflow.pytorch.load_model)."""
+        import warnings
+
+        with _active(self.uri, run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mlflow.pytorch.log_model(model, name=name, pip_requirements=["torch"], serialization_format="pickle")
+
+    def tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
+        """A run that ends FINISHED, or FAILED if the block raises."""
+        run_id = self.start(name, parent, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end(run_id, "FAILED")
+            raise
+        self.end(run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def _active(uri: str, run_id: str) -> Iterator[None]:
+    """Make `run_id` the fluent API's active run (for mlflow.pytorch.log_model) and restore after."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+class NullTracker:
+    """Tracking switched off (`tracking.enabled: false`): same calls, nothing recorded."""
+
+    uri = None
+    experiment_id = None
+
+    def start(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
+        return ""
+
+    def __getattr__(self, name: str):  # params, metrics, history, artifact, text, model, tag, end
+        return lambda *args, **kwargs: None
+
+    @contextlib.contextmanager
+    def run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
+        yield ""
+
+
+def make_tracker(spec: TrackingSpec, experiment: str) -> Tracker | NullTracker:
+    return Tracker(spec, experiment) if spec.enabled else NullTracker()

@@ -116,12 +116,18 @@ class Tracker:
             self.client.log_artifact(run_id, str(p))
 
     def model(self, run_id: str, model: Any, name: str = "model") -> None:
-        """The unlearned model as an MLflow PyTorch model (loadable with mlflow.pytorch.load_model)."""
+        """The unlearned model as an MLflow PyTorch model in the run's artifacts (`runs:/<id>/model`).
+
+        Saved locally then uploaded with the client, so no global fluent-API state (tracking URI,
+        active run) is touched: several trackers can live in one process.
+        """
         import warnings
 
-        with _active(self.uri, run_id), warnings.catch_warnings():
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mlflow.pytorch.log_model(model, name=name, pip_requirements=["torch"], serialization_format="pickle")
+            local = Path(tmp) / name
+            mlflow.pytorch.save_model(model, str(local), pip_requirements=["torch"], serialization_format="pickle")
+            self.client.log_artifacts(run_id, str(local), name)
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
@@ -139,18 +145,6 @@ class Tracker:
             self.end(run_id, "FAILED")
             raise
         self.end(run_id, "FINISHED")
-
-
-@contextlib.contextmanager
-def _active(uri: str, run_id: str) -> Iterator[None]:
-    """Make `run_id` the fluent API's active run (for mlflow.pytorch.log_model) and restore after."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 class NullTracker:

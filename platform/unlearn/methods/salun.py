@@ -1,0 +1,62 @@
+"""SalUn: random-label unlearning restricted to the salient weights.
+
+Saliency = |∇θ ℓ(D_f)| at θ0 (the mean forget-loss gradient: per-sample sums and the count are
+all-reduced first); the mask keeps the top `saliency_fraction` of all weights (one threshold over every
+parameter tensor). Training is RL's loss with the gradient outside the mask zeroed. For diffusion
+models the random label is the class the forgotten images are conditioned on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unlearn.methods import register
+from unlearn.methods.base import Batch, Context, Method
+from unlearn.methods.rl import random_label_loss
+from unlearn.methods.whole_set import flatten, mean_gradient, unflatten
+from unlearn.params import MethodParams, hparam, loguniform, uniform
+
+
+def top_fraction_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """0/1 masks keeping the `fraction` highest scores over all tensors together (exactly that many)."""
+    flat = flatten(scores)
+    keep = int(round(fraction * flat.numel()))
+    mask = torch.zeros_like(flat)
+    if keep > 0:
+        mask[torch.topk(flat, keep, sorted=False).indices] = 1.0
+    return unflatten(mask, scores)
+
+
+class SalUnParams(MethodParams):
+    lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1),
+                       paper="SalUn release (classification, RL-based): lr ~0.01-0.013, SGD momentum 0.9",
+                       help="learning rate")
+    epochs: float = hparam(4.0, gt=0, le=1000, search=loguniform(1, 20),
+                           paper="SalUn release: 10 epochs over D_f ∪ D_r; 4 retain passes on digits (as rl)",
+                           help="passes over the retain data (each step also takes a forget batch)")
+    saliency_fraction: float = hparam(0.5, gt=0, le=1, search=uniform(0.1, 0.9),
+                                      paper="SalUn release: mask of the top 50% of |gradient| weights",
+                                      help="share of all weights that may change")
+    retain_weight: float = hparam(1.0, ge=0, le=100, search=loguniform(1e-4, 2.0),
+                                  paper="SalUn release: 1 for classification (its DDPM script uses 1e-3)",
+                                  help="weight of the retain loss")
+
+
+@register
+class SalUn(Method):
+    name = "salun"
+    uses = frozenset({"forget", "retain"})
+    primary = "retain"
+    tasks = frozenset({"classification", "diffusion"})
+    Params = SalUnParams
+    paper = "Fan et al. 2024, SalUn: gradient-based weight saliency (OPTML-Group/Unlearn-Saliency)"
+    summary = "random labels on the forget data, updating only the weights most salient to it"
+
+    def setup(self, ctx: Context) -> None:
+        gradient = mean_gradient(ctx, ctx.original, ctx.forget_batches())
+        self.mask = top_fraction_mask({n: g.abs() for n, g in gradient.items()}, self.params.saliency_fraction)
+
+    def step(self, ctx: Context, forget: Batch | None, retain: Batch | None) -> dict[str, float]:
+        loss, logged = random_label_loss(ctx, forget, retain, self.params.retain_weight)
+        self.apply(ctx, loss, self.mask)
+        return logged

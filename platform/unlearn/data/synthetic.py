@@ -12,7 +12,9 @@ The two shades are neighbouring hues around the family's own hue, so the classes
 share shape and colour and differ in texture and shade: a model's features entangle them, which is
 what concept-level unlearning needs. Position, scale, rotation, aspect, texture period and phase,
 saturation, brightness, background and clutter are random, so a small CNN fits the training set but
-not all of the test set (see benchmarks/synthetic.py for the measured figures).
+not all of the test set: measured (benchmarks/results/synthetic.md) the `cnn` reaches 97.6% train and
+89.0% test accuracy on 8,000 / 2,000 images in 20 epochs, and 86% of its test errors stay inside the
+true superclass. 10,000 images of 32 px take about 2 s to generate on 2 CPU cores.
 
 Fully vectorised numpy, deterministic from the seed (train and test come from distinct seed streams),
 balanced classes, quantised to uint8 and cached as Parquet under `cache_dir`, keyed by the sizes, the

@@ -1,0 +1,23 @@
+"""Shared fixtures. Keep each fixture self-contained: several test modules add their own here."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray session for every engine test (starting Ray costs seconds; Train runs reuse it).
+
+    Started the way the engine starts Ray (`unlearn.engine.connect`); shut down at the end of the session
+    if it is still up (a test that needs Ray gone, e.g. the `ray start --head` one, may shut it earlier).
+    """
+    import ray
+
+    from unlearn.engine import connect
+    from unlearn.spec import RaySpec
+
+    started = connect(RaySpec(num_workers=2))
+    yield
+    if started and ray.is_initialized():
+        ray.shutdown()

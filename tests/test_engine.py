@@ -281,7 +281,8 @@ def _free_port() -> int:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_job_submitted_to_a_started_head_writes_its_results(digits, tmp_path):
-    """`ray start --head` + `ray job submit -- unlearn run job.yaml`: the engine joins the head via RAY_ADDRESS.
+    """`ray start --head` + `ray job submit -- unlearn run job.yaml`: the engine joins the head via RAY_ADDRESS
+    (and, run from outside with `--set ray.address=host:port`, via the spec).
 
     The head gets its own temp dir (so its address file never redirects other `ray.init()` calls on this
     machine) and its own process group, which teardown ends (`ray stop` would end every Ray on the machine).
@@ -315,6 +316,13 @@ def test_a_job_submitted_to_a_started_head_writes_its_results(digits, tmp_path):
         results = json.loads((tmp_path / "out" / "results.json").read_text())
         assert set(results["methods"]) == {"original", "ft"} and results["methods"]["ft"]["RA"] > 90
         assert "succeeded" in submit.stdout
+        # `ray.address` joins the same head from a driver started outside it
+        joined = subprocess.run([str(BIN / "unlearn"), "run", str(tmp_path / "job.yaml"), "--out",
+                                 str(tmp_path / "out2"), "--set", f"ray.address=127.0.0.1:{gcs}"],
+                                capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                                env={**os.environ, "RAY_AUTH_MODE": "token"})
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert json.loads((tmp_path / "out2" / "results.json").read_text())["methods"]["ft"]["RA"] > 90
     finally:
         _end_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

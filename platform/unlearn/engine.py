@@ -517,8 +517,12 @@ def _probe(address: str, target: tuple[str, int]) -> None:
         with _native_stderr_silenced():  # Ray's C++ client logs each failed attempt to stderr
             GcsClient(address=f"{socket.gethostbyname(target[0])}:{target[1]}").internal_kv_get(
                 b"unlearn-probe", namespace=None, timeout=PROBE_TIMEOUT_S)
-    except Exception as err:  # RpcError, timeouts: no GCS there
+    except Exception as err:  # RpcError, timeouts: no GCS there, or one that wants a token
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "AuthToken" in first or "uthenticat" in first:
+            raise BadInput(f"cannot connect to Ray cluster at {address}: it requires its authentication token "
+                           "(export RAY_AUTH_MODE=token, with the token in ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+                           ) from None
         raise BadInput(f"cannot reach Ray cluster at {address}: no Ray GCS answers there ({first})") from None
 
 

@@ -1,0 +1,198 @@
+"""`unlearn tune`: a small Optuna/ASHA search on digits, its outputs and MLflow runs, resume, bad spaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from unlearn import cli, spec as spec_mod
+from unlearn.tuning import proxy_objective, resume_tune, run_tune
+
+pytestmark = pytest.mark.ray
+
+GA_LR = {"kind": "loguniform", "low": 1e-3, "high": 3e-2}
+
+
+def _job(tmp: Path, **tune) -> dict:
+    """A tiny digits job: MLP [32], GA for 3 epochs (each trial takes seconds)."""
+    return {
+        "name": "tune-digits",
+        "dataset": {"name": "digits"},
+        "model": {"name": "mlp", "hidden": [32]},
+        "train": {"epochs": 8},
+        "forget": {"kind": "class", "classes": [3]},
+        "methods": [{"name": "retrain"}, {"name": "ga", "params": {"epochs": 3}}],
+        "ray": {"enabled": False},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlruns.db'}"},
+        "tune": {"space": {"lr": GA_LR}, "max_concurrent": 2, "reports": 3, **tune},
+        "cache_dir": str(tmp.parent / "cache"),  # one original and retrain for the whole module
+    }
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _main(argv: list[str]) -> int:
+    codes: list[int] = []
+    cli.main(argv, exit=codes.append)
+    return codes[0]
+
+
+@pytest.fixture(scope="module")
+def search(ray_session, tmp_path_factory):
+    """`unlearn tune job.yaml --method ga --num-samples 4` through the CLI (Ray: conftest's shared session)."""
+    tmp = tmp_path_factory.mktemp("search")
+    job = _write(tmp / "job.yaml", _job(tmp))
+    assert _main(["tune", str(job), "--method", "ga", "--num-samples", "4", "--out", str(tmp / "out")]) == 0
+    return tmp, json.loads((tmp / "out" / "tune.json").read_text())
+
+
+def test_search_records_every_trial_inside_the_space(search):
+    _, result = search
+    assert result["method"] == "ga" and result["metric"] == "gap" and len(result["trials"]) == 4
+    assert result["space"] == {"lr": GA_LR} and result["fixed"] == {"epochs": 3}
+    for trial in result["trials"]:
+        assert GA_LR["low"] <= trial["config"]["lr"] <= GA_LR["high"]
+        assert trial["status"] in ("completed", "early_stopped")
+        assert {"FA", "RA", "TA", "MIA", "gap", "KL", "proxy"} <= set(trial["metrics"])
+        assert 1 <= trial["reports"] <= 3 and trial["executions"] == 1
+    assert result["counts"]["completed"] >= 1 and not result["interrupted"]
+    best = result["best"]
+    completed = [t["metrics"]["gap"] for t in result["trials"] if t["status"] == "completed"]
+    assert best["metrics"]["gap"] == min(completed)
+
+
+def test_proxy_scores_retrain_near_zero_and_the_original_high(search):
+    """The retrain-free objective agrees with the reference on class forgetting."""
+    _, result = search
+    retrain, original = result["reference"]["retrain"], result["reference"]["original"]
+    assert result["proxy_targets"]["labels_leave"] and result["proxy_targets"]["FA"] == 0.0
+    assert retrain["proxy"] < 3.0
+    assert original["proxy"] > 30.0
+    best = result["best"]["metrics"]
+    assert proxy_objective(best, _targets(result)) == pytest.approx(best["proxy"])
+
+
+def _targets(result):
+    from unlearn.tuning import ProxyTargets
+
+    return ProxyTargets(**result["proxy_targets"])
+
+
+def test_best_yaml_is_a_runnable_job_that_reproduces_the_gap(search, tmp_path):
+    tmp, result = search
+    best_path = tmp / "out" / "best.yaml"
+    spec = spec_mod.load(best_path)
+    assert [m.name for m in spec.methods] == ["retrain", "ga"]
+    assert spec.methods[1].params == {"epochs": 3, "lr": result["best"]["config"]["lr"]}
+    os.chdir(tmp_path)
+    assert _main(["run", str(best_path), "--out", str(tmp_path / "run")]) == 0
+    ran = json.loads((tmp_path / "run" / "results.json").read_text())["methods"]["ga"]
+    assert ran["gap"] == pytest.approx(result["best"]["metrics"]["gap"], abs=2.0)
+
+
+def test_mlflow_has_a_parent_search_run_with_one_nested_run_per_trial(search):
+    _, result = search
+    client = MlflowClient(tracking_uri=result["mlflow"]["tracking_uri"])
+    parent = client.get_run(result["mlflow"]["parent_run"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["unlearn.kind"] == "tune"
+    assert parent.data.tags["unlearn.best_trial"] == result["best"]["trial_id"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"trials.png", "tune.json", "best.yaml"}
+    nested = client.search_runs([result["mlflow"]["experiment_id"]],
+                                f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(nested) == 4
+    by_trial = {r.data.tags["unlearn.trial_id"]: r for r in nested}
+    assert set(by_trial) == {t["trial_id"] for t in result["trials"]}
+    for trial in result["trials"]:
+        run = by_trial[trial["trial_id"]]
+        assert float(run.data.params["lr"]) == pytest.approx(trial["config"]["lr"])
+        assert run.data.metrics["gap"] == pytest.approx(trial["metrics"]["gap"])
+    assert [t for t, r in by_trial.items() if r.data.tags.get("unlearn.best") == "true"] == [result["best"]["trial_id"]]
+
+
+def _interrupt_after(folder: Path, finished: int, timeout: float = 240.0) -> threading.Thread:
+    """Send this process SIGUSR1 (Tune's graceful stop, like Ctrl-C) once `finished` trials have ended."""
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            logs = list(folder.glob("*.log"))
+            if sum("final" in p.read_text() for p in logs) >= finished:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_session, tmp_path):
+    spec = spec_mod.validate(_job(tmp_path, max_concurrent=1, scheduler="fifo"))
+    out = tmp_path / "out"
+    watcher = _interrupt_after(out / "trials", finished=2)
+    first = run_tune(spec, method="ga", num_samples=6, out_dir=out)  # trials take seconds: keep some to interrupt
+    watcher.join()
+    assert first["interrupted"]
+    done_before = {t["trial_id"] for t in first["trials"] if t["status"] == "completed"}
+    assert len(done_before) >= 2
+    logs_before = {t: (out / "trials" / f"{t}.log").read_text() for t in done_before}
+
+    assert _main(["tune", str(_write(tmp_path / "job.yaml", _job(tmp_path))), "--method", "ga",
+                  "--out", str(out)]) == 2  # a fresh search will not overwrite an interrupted one
+
+    second = resume_tune(out)
+    assert not second["interrupted"] and len(second["trials"]) == 6
+    assert all(t["status"] == "completed" for t in second["trials"])
+    for trial in second["trials"]:
+        if trial["trial_id"] in done_before:
+            assert trial["executions"] == 1
+            assert (out / "trials" / f"{trial['trial_id']}.log").read_text() == logs_before[trial["trial_id"]]
+    client = MlflowClient(tracking_uri=second["mlflow"]["tracking_uri"])
+    nested = client.search_runs([second["mlflow"]["experiment_id"]],
+                                f"tags.mlflow.parentRunId = '{second['mlflow']['parent_run']}'")
+    assert sorted(r.data.tags["unlearn.trial_id"] for r in nested) == sorted(t["trial_id"] for t in second["trials"])
+    assert yaml.safe_load((out / "best.yaml").read_text())["methods"][1]["params"]["lr"] == second["best"]["config"]["lr"]
+
+
+@pytest.mark.parametrize("space, expected", [
+    ({"nope": {"kind": "uniform", "low": 0, "high": 1}},
+     "error: tune.space.nope: unknown parameter; ga takes: lr, epochs, steps,"),
+    ({"lr": {"kind": "loguniform", "low": 1e-3, "high": 50}},
+     "error: tune.space.lr.high: 50 is outside ga's declared range of lr: (0, 10]"),
+    ({"momentum": {"kind": "uniform", "low": 0.5, "high": 1.0}},
+     "error: tune.space.momentum.high: 1.0 is outside ga's declared range of momentum: [0, 1)"),
+    ({"optimizer": {"kind": "choice", "values": ["sgd", "lion"]}},
+     "error: tune.space.optimizer.values.1: 'lion' is not a valid optimizer for ga"),
+])
+def test_a_bad_search_space_fails_with_one_line_and_exit_2(tmp_path, capsys, space, expected):
+    job = _write(tmp_path / "job.yaml", {**_job(tmp_path), "tune": {"space": space}})
+    assert _main(["tune", str(job), "--method", "ga", "--out", str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "out" / "tune.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a Train run that ASHA stopped and that kept its CPUs would starve the next trial
+def test_engine_trials_run_ray_train_inside_tune_and_free_their_workers_when_stopped(ray_session, tmp_path):
+    """Each trial is a TorchTrainer with two DDP workers; rank 0's reports reach Tune; ASHA stops some."""
+    # the entry's lr (0.007, good) is the first point; the tiny ones barely move the model: ASHA stops them
+    job = _job(tmp_path, max_concurrent=1, reports=3, space={"lr": {"kind": "choice", "values": [0.007, 1e-5, 3e-5]}})
+    job["methods"][1]["params"]["lr"] = 0.007
+    job["ray"] = {"enabled": True, "num_workers": 2, "cpus_per_worker": 0.5}
+    result = run_tune(spec_mod.validate(job), method="ga", num_samples=4, out_dir=tmp_path / "out")
+    assert not result["in_process"] and len(result["trials"]) == 4 and not result["interrupted"]
+    for trial in result["trials"]:
+        assert trial["status"] in ("completed", "early_stopped") and trial["executions"] == 1
+        assert {"FA", "RA", "TA", "MIA", "gap", "proxy"} <= set(trial["metrics"])
+    assert result["counts"]["completed"] >= 1 and result["counts"]["early_stopped"] >= 1

@@ -648,10 +648,13 @@ def _ensure_ray(plan: Plan) -> bool:
         return False
     if plan.spec.ray.address or os.environ.get("RAY_ADDRESS"):
         return engine.connect(plan.spec.ray)
-    if not plan.in_process:
+    num_cpus = None  # in-process trials: Ray counts this machine's CPUs
+    if not plan.in_process:  # as the engine does: room for one trial's workers even on a small machine
         engine._lean_train_env()
+        rs = plan.spec.ray
+        num_cpus = max(os.cpu_count() or 1, math.ceil(rs.num_workers * rs.cpus_per_worker + DRIVER_CPU))
     # address "local": a fresh instance, never a stray cluster another process left registered on this machine
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
     return True
 
 

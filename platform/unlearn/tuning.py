@@ -378,15 +378,35 @@ def _penalty(shared: Shared) -> dict[str, Any]:
 # trials (run inside Ray Tune actors)
 
 
-def _log_execution(shared: Shared, trial_id: str, event: str) -> None:
-    """Append one line to the trial's execution log (how resume is audited); best effort."""
+def _log_execution(shared: Shared, trial_id: str, event: str, metrics: dict[str, Any] | None = None) -> None:
+    """Append one line to the trial's execution log (how resume is audited); best effort.
+
+    The final line carries the final metrics as JSON, so a resumed search can replay a trial that
+    ended after Tune last saved its experiment state instead of running it again.
+    """
     try:
         folder = Path(shared.out_dir) / TRIALS_DIR
         folder.mkdir(parents=True, exist_ok=True)
+        payload = f" {json.dumps({k: _plain(v) for k, v in metrics.items()})}" if metrics is not None else ""
         with open(folder / f"{trial_id}.log", "a") as f:
-            f.write(f"{event} {time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()}\n")
-    except OSError:
+            f.write(f"{event} {time.strftime('%Y-%m-%dT%H:%M:%S')} pid={os.getpid()}{payload}\n")
+    except (OSError, TypeError, ValueError):
         pass
+
+
+def _logged_final(shared: Shared, trial_id: str) -> dict[str, Any] | None:
+    """The final metrics an earlier execution of this trial logged, if it got that far."""
+    path = Path(shared.out_dir) / TRIALS_DIR / f"{trial_id}.log"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        event, _, rest = line.partition(" ")
+        if event in ("final", "diverged") and "{" in rest:
+            try:
+                return json.loads(rest[rest.index("{"):])
+            except ValueError:
+                return None
+    return None
 
 
 def _request(shared: Shared, config: dict[str, Any]):
@@ -409,11 +429,17 @@ def run_trial(config: dict[str, Any], shared_refs=()) -> None:
     shared_ref = shared_refs[0]
     shared: Shared = ray.get(shared_ref)
     trial_id = tune.get_context().get_trial_id()
+    finished = _logged_final(shared, trial_id)
+    if finished is not None:
+        # the search stopped between this trial's last report and Tune saving that it ended:
+        # its work is done, so hand Tune the logged result rather than run it again
+        tune.report(finished)
+        return
     _log_execution(shared, trial_id, "start")
 
     def report(metrics: dict[str, Any]) -> None:
         if metrics.get("final"):  # logged first: a scheduler may stop the trial at its last report
-            _log_execution(shared, trial_id, "diverged" if metrics.get("diverged") else "final")
+            _log_execution(shared, trial_id, "diverged" if metrics.get("diverged") else "final", metrics)
         tune.report(metrics)
 
     try:
@@ -535,7 +561,7 @@ def _engine_worker(loop_config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, Any]) -> None:
         if rank == 0 and metrics.get("final"):
-            _log_execution(shared, loop_config["trial_id"], "diverged" if metrics.get("diverged") else "final")
+            _log_execution(shared, loop_config["trial_id"], "diverged" if metrics.get("diverged") else "final", metrics)
         ray.train.report(metrics)
 
     try:

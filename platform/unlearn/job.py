@@ -134,6 +134,7 @@ def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | Non
     tracker = make_tracker(spec.tracking, spec.name)
     executor = executor or make_executor(spec)
     evaluator = build_evaluator(prep.task, prep.splits, spec, prep.dataset)
+    evaluator.out_dir = out_dir  # an evaluator may add files beside results.json (diffusion: grid_<name>.png)
     splits = prep.splits
     print(f"job {spec.name}: {spec.dataset.name} / {spec.model.name}, forget {splits.describe}, "
           f"sizes {splits.sizes()}", file=sys.stderr, flush=True)
@@ -144,6 +145,9 @@ def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | Non
         state, info = original_model(spec, splits, prep.input_shape, executor, prep.task)
         model = new_model(request_for(prep, MethodSpec(name="original"), state))
         metrics, ref_out = evaluator.evaluate(model)
+        with tempfile.TemporaryDirectory() as tmp:  # the original's artifacts go on the job run (diffusion: its grid)
+            for path in evaluator.artifacts(model, "original", Path(tmp)):
+                tracker.artifact(parent, path)
         results: dict[str, dict[str, Any]] = {"original": {**metrics, "seconds": 0.0}}
         outputs = {"original": ref_out}
         run_ids: dict[str, str] = {}

@@ -138,6 +138,8 @@ class EvalSpec(Strict):
     mia: bool = True
     samples_per_class: int = Field(64, ge=1, le=100_000)  # diffusion: generated images per class
     grid_per_class: int = Field(8, ge=1, le=64)
+    # diffusion: a local torchvision inception_v3 state dict; when given, FID is reported beside FD (never downloaded)
+    inception_weights: str | None = None
 
 
 class JobSpec(Strict):

@@ -61,6 +61,6 @@ def validate_methods(method_specs: list[Any], task: str) -> list[Method]:
 
 
 # One import per method module: each registers itself.
-from unlearn.methods import retrain, ft, ga, rl, l1_sparse, salun, scrub, bs, iu, delete, ghr, gsr, grogu, sfr_on, tarf  # noqa: E402,F401
+from unlearn.methods import retrain, ft, ga, rl, l1_sparse, salun, scrub, bs, iu, delete, ghr, gsr, grogu, sfr_on, tarf, sa  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "register", "get", "build", "validate_methods", "Batch", "Context", "Method"]

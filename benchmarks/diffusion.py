@@ -1,0 +1,183 @@
+"""Diffusion unlearning benchmark: forget one digit of a class-conditional DDPM (jobs/ddpm-digits.yaml).
+
+    .venv/bin/python benchmarks/diffusion.py                       # the whole job, in this process (~12 min)
+    .venv/bin/python benchmarks/diffusion.py --set methods.1.params.steps=100
+
+Trains the original DDPM from scratch (a fresh cache in the work folder, so its training time is measured),
+then runs the job through `unlearn.job.run_job` with `ray.enabled=false` (every method in this process: on a
+2-core machine Ray Train adds ~20 s of start-up per run and nothing else; tests/test_diffusion.py runs SFR-on
+on 2 Ray Train workers). Writes benchmarks/results/diffusion.json (results.json of the job, with the
+original model's row, plus a `benchmark` section), diffusion.md (table, target check, sample grids) and the
+grids under benchmarks/results/diffusion/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform as _stdlib_platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from unlearn import spec as spec_mod
+from unlearn.execution import LocalExecutor
+from unlearn.job import prepare, run_job
+from unlearn.training import original_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_FA = 5.0  # the issue's bar: SFR-on FA <= 5% where the original's FA >= 70%,
+TARGET_ORIGINAL_FA = 70.0
+TARGET_FD_RATIO = 1.2  # and FD of the kept classes <= 1.2x the original's
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--job", type=Path, default=ROOT / "jobs" / "ddpm-digits.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="spec override key=value")
+    p.add_argument("--work", type=Path, default=None, help="work folder (cache, MLflow store); default: a temp folder")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = args.work or Path(tempfile.mkdtemp(prefix="unlearn-diffusion-"))
+    work.mkdir(parents=True, exist_ok=True)
+    spec = spec_mod.load(args.job, ["ray.enabled=false", f"cache_dir={work / 'cache'}", *args.overrides])
+    old = os.getcwd()
+    os.chdir(work)  # the embedded MLflow store lands in the work folder
+    try:
+        t0 = time.perf_counter()
+        prep = prepare(spec)
+        _, info = original_model(spec, prep.splits, prep.input_shape, LocalExecutor("cpu"), prep.task)
+        original_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        results = run_job(spec, work / "results")
+        job_s = time.perf_counter() - t0
+    finally:
+        os.chdir(old)
+    from unlearn.evaluation.diffusion import train_judge  # cached by now: read its held-out accuracy
+
+    judge = train_judge(prep.splits, spec.seed, spec.cache_dir)
+    results["benchmark"] = {
+        "job_file": str(args.job.relative_to(ROOT) if args.job.is_relative_to(ROOT) else args.job),
+        "overrides": args.overrides,
+        "machine": f"{_stdlib_platform.machine()}, {torch.get_num_threads()} torch threads, cpu",
+        "original_train_seconds": round(original_s, 1), "original_was_cached": info["cached"],
+        "job_seconds": round(job_s, 1), "judge_test_accuracy": round(judge.test_accuracy, 2),
+        "parameters": sum(p.numel() for p in _model(spec, prep).parameters()),
+        "spec": spec.model_dump(mode="json"),
+    }
+    write(results, work / "results", args.out)
+    return 0
+
+
+def _model(spec, prep):
+    from unlearn.models import build_model
+
+    return build_model(spec.model, prep.splits.num_outputs, prep.input_shape)
+
+
+def verdict(methods: dict) -> list[str]:
+    """The issue's target, checked on the SFR-on row against the original's."""
+    original = methods["original"]
+    lines = []
+    for name, m in methods.items():
+        if not name.startswith("sfr_on"):
+            continue
+        ratio = m["FD"] / original["FD"]
+        ok = original["FA"] >= TARGET_ORIGINAL_FA and m["FA"] <= TARGET_FA and ratio <= TARGET_FD_RATIO
+        lines.append(f"- **{name}**: FA {m['FA']:.1f}% (target ≤ {TARGET_FA:.0f}%, original {original['FA']:.1f}% "
+                     f"≥ {TARGET_ORIGINAL_FA:.0f}%), FD {m['FD']:.2f} = {ratio:.2f}× the original's "
+                     f"(target ≤ {TARGET_FD_RATIO}×): **{'met' if ok else 'not met'}**.")
+    return lines
+
+
+def write(results: dict, job_out: Path, out: Path) -> None:
+    grids = out / "diffusion"
+    grids.mkdir(parents=True, exist_ok=True)
+    for png in sorted(job_out.glob("grid_*.png")):
+        shutil.copyfile(png, grids / png.name)
+    (out / "diffusion.json").write_text(json.dumps(results, indent=2) + "\n")
+    b, methods = results["benchmark"], results["methods"]
+    s = b["spec"]
+    model, train = s["model"], s["train"]
+    original = methods["original"]
+    rows = ["| method | FA % | CA % | FD | FD / original | seconds | speed-up vs retrain |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in methods.items():
+        speed = f"{m['speedup']:.1f}×" if m.get("speedup") else "-"
+        secs = f"{m['seconds']:.1f}" if name != "original" else f"({b['original_train_seconds']:.0f} to train)"
+        rows.append(f"| {name} | {m['FA']:.1f} | {m['CA']:.1f} | {m['FD']:.2f} | {m['FD'] / original['FD']:.2f} "
+                    f"| {secs} | {speed} |")
+    params = {e.get("label") or e["name"]: e["params"] for e in s["methods"]}
+    settings = [f"- `{name}`: " + (", ".join(f"{k} {v}" for k, v in p.items()) or "the original's training recipe")
+                for name, p in params.items()]
+    grid_lines = [f"![grid_{name}](diffusion/grid_{name}.png)" for name in methods if (grids / f"grid_{name}.png").is_file()]
+    lines = [
+        "# Diffusion unlearning: forget one digit of a class-conditional DDPM",
+        "",
+        f"Job `{b['job_file']}` (forget digit {', '.join(map(str, results['forget']['classes']))} of scikit-learn's digits, upsampled "
+        f"to {s['dataset']['resize']}x{s['dataset']['resize']}), run by `benchmarks/diffusion.py` on {b['machine']}, "
+        "every method in one process (`ray.enabled=false`; the Ray Train path is tested on 2 workers in "
+        "tests/test_diffusion.py). Sizes: " + ", ".join(f"{k} {v}" for k, v in results["sizes"].items()) + ".",
+        "",
+        f"Model: diffusers `UNet2DModel`, block widths {model['channels']}, {model['layers_per_block']} layer per "
+        f"block, {b['parameters']:,} parameters, class embedding + 1 unconditional id, {model['train_timesteps']} "
+        f"DDPM steps. Original and retrain recipe: {train['epochs']} epochs, batch {train['batch_size']}, "
+        f"{train['optimizer']['name']} lr {train['optimizer']['lr']}, {train['lr_schedule']} schedule, label "
+        f"dropout {model['cond_dropout']}; the original took {b['original_train_seconds']:.0f} s to train here "
+        "(retrain uses the full recipe on the retain set).",
+        "",
+        f"Evaluation: {s['eval']['samples_per_class']} samples per class, DDIM {model['sample_steps']} steps, "
+        f"classifier-free guidance {model['guidance_scale']}, the same starting noise for every model. The judge "
+        f"is the platform's `cnn` trained on the same training images (held-out accuracy "
+        f"{b['judge_test_accuracy']:.1f}%). **FA**: share of the samples drawn for the forgotten digit that the "
+        "judge calls that digit; **CA**: the same for the kept digits (their own label); **FD**: Fréchet distance "
+        "between the judge's penultimate features of generated kept-digit samples and real held-out kept-digit "
+        "images (no Inception weights here, so no FID). Seconds: wall-clock of the unlearning run itself.",
+        "",
+        *rows,
+        "",
+        "Target of the issue (SFR-on FA ≤ 5% where the original's FA ≥ 70%, FD ≤ 1.2× the original's):",
+        "",
+        *verdict(methods),
+        "",
+        "Method settings:",
+        "",
+        *settings,
+        "",
+        "Notes:",
+        "",
+        "- The seeds' DDPM code sums the noise-prediction error over the C·H·W pixels; ours is the per-pixel mean "
+        "(256× smaller here), so a gradient-norm clip does not transfer as a number. `sfr_on` keeps every released "
+        "setting but the clip (0.02 instead of 1, chosen on this job: 0.01 forgot too little, 0.05 forgot with "
+        "more damage); `sfr_on-clip1` is the released clip taken literally: it forgets but hurts the kept digits.",
+        "- `salun` relabels through the task loss (`methods/rl.py: random_label_loss`): for a DDPM that trains the "
+        "*other* labels to draw the forgotten digit's images, instead of steering the forgotten label to another "
+        "class as SalUn's DDPM code does (MSE between the prediction under the forgotten label and the detached "
+        "prediction under a pseudo label; `unlearn.models.ddpm.pseudo_label_loss`). Reported as it is.",
+        "- `ga` ascends the forgotten digit's noise-prediction loss without any retain term: the judge still reads "
+        "its samples of the digit as that digit at this strength, and the kept digits degrade.",
+        f"- FD is measured on {s['eval']['samples_per_class']} samples per class (with 64, its spread over sampling "
+        "seeds for the original was about ±0.05; with 32, ±0.2).",
+        "",
+        "Sample grids (one row per digit, the forgotten row in red):",
+        "",
+        *grid_lines,
+        "",
+    ]
+    (out / "diffusion.md").write_text("\n".join(lines))
+    print(f"wrote {out / 'diffusion.md'}, {out / 'diffusion.json'} and {grids}/", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Evaluation of class-conditional diffusion models: FA, FD (and FID), CA, sample grids.
+
+A *judge* classifier (the platform's `cnn`, trained here on the job's training images and labels,
+cached under `cache_dir/judges/` by a content hash of the data and its recipe) reads the generated
+images:
+
+- **FA**: percent of the images conditioned on a forgotten class that the judge assigns to it.
+- **CA**: percent of the images conditioned on a kept class that the judge assigns to that class
+  (a quality check: unlearning must not break the other classes).
+- **FD**: Fréchet distance between the judge's penultimate-layer features of the generated kept-class
+  images and of the real held-out (test) images of the kept classes.
+- **FID**: the same with Inception-v3 pool features, only when `eval.inception_weights` names a local
+  torchvision state dict (nothing is downloaded).
+
+Every model is sampled from the same starting noise (a generator seeded by the job seed), with DDIM
+(`model.sample_steps`) and classifier-free guidance `model.guidance_scale`, so methods differ only by
+their weights. `artifacts` draws a grid of `eval.grid_per_class` samples per class (one row a class,
+the forgotten rows marked) for the method's MLflow run, and also writes it as `grid_<name>.png` next to
+results.json when the job sets `out_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from unlearn.data.scenarios import Splits
+from unlearn.errors import BadInput
+from unlearn.models.ddpm import build_ddpm, sample
+from unlearn.spec import JobSpec, ModelSpec, OptimizerSpec, TrainSpec
+
+JUDGE_MODEL = ModelSpec(name="cnn", channels=[32, 64, 128])
+JUDGE_TRAIN = TrainSpec(epochs=15, batch_size=64, optimizer=OptimizerSpec(name="sgd", lr=0.05, momentum=0.9,
+                                                                          weight_decay=5e-4), lr_schedule="cosine")
+JUDGE_VERSION = 1  # bump when the judge's recipe or features change
+FEATURE_BATCH = 256
+
+
+@dataclass
+class Judge:
+    """The evaluation classifier: class predictions and penultimate-layer features."""
+
+    model: nn.Module  # SmallCNN: `features` (pooled conv features) then `head`
+    test_accuracy: float
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        device = next(self.model.parameters()).device
+        out = [self.model.features(x[i:i + FEATURE_BATCH].to(device)).cpu() for i in range(0, len(x), FEATURE_BATCH)]
+        return torch.cat(out).double().numpy()
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> np.ndarray:
+        device = next(self.model.parameters()).device
+        out = [self.model(x[i:i + FEATURE_BATCH].to(device)).argmax(1).cpu() for i in range(0, len(x), FEATURE_BATCH)]
+        return torch.cat(out).numpy()
+
+
+def judge_key(x: np.ndarray, y: np.ndarray, seed: int) -> str:
+    """Content hash of the judge's training data and recipe."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    h.update(json.dumps({"model": JUDGE_MODEL.model_dump(mode="json"), "train": JUDGE_TRAIN.model_dump(mode="json"),
+                         "shape": list(x.shape), "seed": seed, "version": JUDGE_VERSION}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def train_judge(splits: Splits, seed: int, cache_dir: str | Path) -> Judge:
+    """The judge of a job's data: loaded from the cache, or trained on the training images now and cached."""
+    from unlearn.models import build_model
+    from unlearn.training import fit_classifier
+
+    x, y = splits.train.x, splits.train.y
+    input_shape = tuple(x.shape[1:])
+    torch.manual_seed(seed)
+    model = build_model(JUDGE_MODEL, splits.num_outputs, input_shape)
+    path = Path(cache_dir) / "judges" / f"{judge_key(x, y, seed)}.pt"
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu")
+        model.load_state_dict(saved["state"])
+        return Judge(model.eval(), saved["test_accuracy"])
+    print(f"diffusion judge: training {JUDGE_MODEL.name} on {len(y)} images ({JUDGE_TRAIN.epochs} epochs)",
+          file=sys.stderr, flush=True)
+    fit_classifier(model, x, y, JUDGE_TRAIN, seed, verbose=False)
+    model.eval()
+    judge = Judge(model, 0.0)
+    test_y = splits.test.y
+    judge.test_accuracy = float(100 * np.mean(judge.predict(torch.from_numpy(splits.test.x)) == test_y)) if len(test_y) else 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save({"state": model.state_dict(), "test_accuracy": judge.test_accuracy}, tmp)
+    os.replace(tmp, path)
+    print(f"diffusion judge: held-out accuracy {judge.test_accuracy:.1f}%", file=sys.stderr, flush=True)
+    return judge
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of a feature matrix (rows = images)."""
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+
+
+def frechet_distance(stats_a: tuple[np.ndarray, np.ndarray], stats_b: tuple[np.ndarray, np.ndarray]) -> float:
+    """‖μa − μb‖² + tr(Σa + Σb − 2 (Σa Σb)^½), with tr((Σa Σb)^½) = Σ √eig(Σa^½ Σb Σa^½) (real, stable)."""
+    (mu_a, cov_a), (mu_b, cov_b) = stats_a, stats_b
+    root_a = _psd_sqrt(cov_a)
+    cross = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+class InceptionFeatures:
+    """Inception-v3 pool features (2048) from a local torchvision state dict, for FID."""
+
+    def __init__(self, weights: str) -> None:
+        from torchvision.models import inception_v3
+
+        path = Path(weights)
+        if not path.is_file():
+            raise BadInput(f"eval.inception_weights: file not found: {path} (it is never downloaded)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        aux = any(k.startswith("AuxLogits.") for k in state)
+        model = inception_v3(weights=None, aux_logits=aux, init_weights=False, transform_input=False)
+        model.load_state_dict(state)
+        model.fc = nn.Identity()
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        import torch.nn.functional as F
+
+        out = []
+        for i in range(0, len(x), 32):
+            batch = x[i:i + 32]
+            if batch.shape[1] == 1:
+                batch = batch.expand(-1, 3, -1, -1)
+            batch = F.interpolate(batch, size=(299, 299), mode="bilinear", align_corners=False)
+            out.append(self.model(batch * 2 - 1))
+        return torch.cat(out).double().numpy()
+
+
+@dataclass
+class DiffusionOutputs:
+    """A model's generated images, their conditioning labels and the judge's reading of them."""
+
+    images: torch.Tensor
+    labels: np.ndarray
+    predicted: np.ndarray
+
+
+class DiffusionEvaluator:
+    """FA / CA / FD (/ FID) of a class-conditional generator on a job's splits; sample grids as artifacts."""
+
+    def __init__(self, splits: Splits, spec: JobSpec, dataset) -> None:
+        self.splits, self.spec = splits, spec
+        build_ddpm(spec.model, splits.num_outputs, tuple(splits.train.x.shape[1:]))  # a bad model spec stops here
+        self.out_dir: Path | None = None  # set by the job: grids are also written next to results.json
+        self.inception = InceptionFeatures(spec.eval.inception_weights) if spec.eval.inception_weights else None
+        self.num_classes = splits.num_outputs
+        self.forgotten = [int(c) for c in splits.target_labels]
+        self.kept = [c for c in range(self.num_classes) if c not in self.forgotten]
+        names = dataset.class_names if splits.label_level == "class" else dataset.superclass_names
+        self.class_names = [str(n) for n in names]
+        self.device = torch.device("cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu")
+        self.judge = train_judge(splits, spec.seed, spec.cache_dir)
+        self.judge.model.to(self.device)
+        real = torch.from_numpy(splits.test.x[np.isin(splits.test.y, self.kept)])
+        self.real_stats = gaussian_stats(self.judge.features(real))
+        self.real_inception = gaussian_stats(self.inception(real)) if self.inception else None
+
+    def generate(self, model: nn.Module, per_class: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+        """`per_class` images of every class (class-major order) from noise seeded by `seed`."""
+        labels = torch.arange(self.num_classes).repeat_interleave(per_class)
+        generator = torch.Generator().manual_seed(seed)
+        model.to(self.device)
+        try:
+            images = sample(model, labels, self.spec.model.sample_steps, self.spec.model.guidance_scale, generator)
+        finally:
+            model.to("cpu")
+        return images, labels.numpy()
+
+    def evaluate(self, model: nn.Module) -> tuple[dict[str, float], DiffusionOutputs]:
+        images, labels = self.generate(model, self.spec.eval.samples_per_class, self.spec.seed)
+        predicted = self.judge.predict(images)
+        forgotten, kept = np.isin(labels, self.forgotten), np.isin(labels, self.kept)
+        metrics: dict[str, float] = {}
+        if forgotten.any():
+            metrics["FA"] = float(100 * np.mean(predicted[forgotten] == labels[forgotten]))
+        metrics["CA"] = float(100 * np.mean(predicted[kept] == labels[kept]))
+        kept_images = images[torch.from_numpy(kept)]
+        metrics["FD"] = frechet_distance(gaussian_stats(self.judge.features(kept_images)), self.real_stats)
+        if self.inception is not None:
+            metrics["FID"] = frechet_distance(gaussian_stats(self.inception(kept_images)), self.real_inception)
+        return metrics, DiffusionOutputs(images, labels, predicted)
+
+    def compare(self, metrics: dict[str, float], out: DiffusionOutputs, ref_metrics: dict[str, float],
+                ref_out: DiffusionOutputs) -> dict[str, float]:
+        """No extra comparison with retrain: FA and FD are read against the retrain row directly."""
+        return {}
+
+    def artifacts(self, model: nn.Module, name: str, folder: Path) -> list[Path]:
+        """`grid_<name>.png`: `eval.grid_per_class` samples per class, one row a class (copied to out_dir too)."""
+        per_class = self.spec.eval.grid_per_class
+        images, _ = self.generate(model, per_class, self.spec.seed + 1)
+        path = save_grid(images, per_class, self.class_names, self.forgotten, Path(folder) / f"grid_{name}.png",
+                         f"{self.spec.name}: {name}")
+        if self.out_dir is not None:
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, Path(self.out_dir) / path.name)
+        return [path]
+
+
+def save_grid(images: torch.Tensor, per_class: int, class_names: list[str], forgotten: list[int], path: Path,
+              title: str) -> Path:
+    """A PNG of the images in rows of `per_class` (one row per class), rows labelled, forgotten ones in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    rows = len(images) // per_class
+    size = images.shape[-1]
+    grid = make_grid(images, nrow=per_class, padding=1, pad_value=1.0).permute(1, 2, 0).numpy()
+    fig, ax = plt.subplots(figsize=(1.6 + 0.55 * per_class, 0.6 + 0.55 * rows))
+    ax.imshow(grid[..., 0] if images.shape[1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([1 + (size + 1) * r + size / 2 for r in range(rows)])
+    labels = [f"{class_names[r]} (forgotten)" if r in forgotten else class_names[r] for r in range(rows)]
+    ax.set_yticklabels(labels, fontsize=8)
+    for r, tick in enumerate(ax.get_yticklabels()):
+        if r in forgotten:
+            tick.set_color("red")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["DiffusionEvaluator", "DiffusionOutputs", "Judge", "frechet_distance", "gaussian_stats", "save_grid",
+           "train_judge"]

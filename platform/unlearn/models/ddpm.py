@@ -1,0 +1,148 @@
+"""Class-conditional DDPM: a diffusers `UNet2DModel` built from the spec (nothing downloaded).
+
+The module the platform trains and unlearns is `ConditionalDDPM`: the UNet with a class embedding of
+`num_classes + 1` rows (the last id is "no class", the unconditional model that classifier-free
+guidance needs) and its `DDPMScheduler` (the forward noising process; not a module, no weights).
+
+- `diffusion_loss(model, batch)` is the task's per-sample loss (`ctx.loss` of every method): the MSE of
+  the noise prediction at a uniformly drawn timestep, images scaled from [0, 1] to [-1, 1]. In train
+  mode labels are dropped to the unconditional id at rate `cond_dropout` (so guidance works later).
+- `sample(model, labels, ...)` draws images in [0, 1] with a `DDIMScheduler` made from the DDPM
+  scheduler's config (few steps, deterministic for a given generator), optionally with guidance.
+- `pseudo_label_loss(model, batch, labels)` is SalUn's diffusion relabelling loss: the noise prediction
+  under the true label pulled towards the (detached) prediction under another label.
+
+Sizes come from the spec: `channels` are the block widths (each block but the last halves the
+resolution), `layers_per_block`, `train_timesteps`. Self-attention sits in the lowest-resolution block
+and the mid block only, which keeps 16x16 digits at ~1M parameters and fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from unlearn.errors import SpecError
+from unlearn.methods.base import Batch
+from unlearn.spec import ModelSpec
+
+
+class ConditionalDDPM(nn.Module):
+    """UNet noise predictor + DDPM noise schedule; `forward(x_noisy, t, labels)` returns predicted noise."""
+
+    def __init__(self, unet: nn.Module, scheduler, num_classes: int, cond_dropout: float) -> None:
+        super().__init__()
+        self.unet = unet
+        self.scheduler = scheduler  # diffusers DDPMScheduler: the forward process, no learnable state
+        self.num_classes = num_classes
+        self.null_label = num_classes  # the unconditional class id (classifier-free guidance)
+        self.cond_dropout = cond_dropout
+
+    def forward(self, x_noisy: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_noisy, t, class_labels=labels).sample
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+
+def build_ddpm(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> ConditionalDDPM:
+    """A freshly initialised class-conditional UNet for C x H x W images (H = W) and its DDPM scheduler."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    channels, size = input_shape[0], input_shape[-1]
+    widths = tuple(spec.channels)
+    if input_shape[-2] != size:
+        raise SpecError("dataset", f"ddpm needs square images, got {input_shape[-2]}x{size} (set dataset.resize)")
+    if size % 2 ** (len(widths) - 1):
+        raise SpecError("model.channels", f"{len(widths)} blocks halve the {size} px images {len(widths) - 1} times; "
+                                          "give fewer block widths")
+    n = len(widths)
+    down = ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D"]
+    up = ["AttnUpBlock2D"] + ["UpBlock2D"] * (n - 1)
+    unet = UNet2DModel(
+        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=widths,
+        layers_per_block=spec.layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
+        norm_num_groups=math.gcd(32, *widths), attention_head_dim=math.gcd(32, widths[-1]), dropout=spec.dropout,
+        num_class_embeds=num_classes + 1)
+    scheduler = DDPMScheduler(num_train_timesteps=spec.train_timesteps)
+    return ConditionalDDPM(unet, scheduler, num_classes, spec.cond_dropout)
+
+
+def unwrap(model: nn.Module) -> ConditionalDDPM:
+    """The ConditionalDDPM inside a DDP/FSDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def _noised(core: ConditionalDDPM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, noise) for images in [0, 1]: antithetic uniform timesteps (t and T-1-t, as the DDPM releases)."""
+    x0 = x * 2 - 1
+    n, steps = len(x0), core.scheduler.config.num_train_timesteps
+    half = torch.randint(0, steps, ((n + 1) // 2,), device=x0.device)
+    t = torch.cat([half, steps - 1 - half])[:n]
+    noise = torch.randn_like(x0)
+    return core.scheduler.add_noise(x0, noise, t), t, noise
+
+
+def diffusion_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Per-sample noise-prediction MSE, shape (B,); labels dropped at rate cond_dropout in train mode."""
+    core = unwrap(model)
+    x_t, t, noise = _noised(core, batch.x)
+    labels = batch.y
+    if core.training and core.cond_dropout > 0:
+        drop = torch.rand(labels.shape, device=labels.device) < core.cond_dropout
+        labels = torch.where(drop, torch.full_like(labels, core.null_label), labels)
+    prediction = model(x_t, t, labels)
+    return (prediction - noise).square().flatten(1).mean(1)
+
+
+def pseudo_label_loss(model: nn.Module, batch: Batch, pseudo_labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE between the prediction under each image's label and the detached one under
+    `pseudo_labels` (SalUn's DDPM relabelling: the forgotten class is steered to draw another class)."""
+    core = unwrap(model)
+    x_t, t, _ = _noised(core, batch.x)
+    with torch.no_grad():
+        target = model(x_t, t, pseudo_labels)
+    return (model(x_t, t, batch.y) - target).square().flatten(1).mean(1)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, labels: torch.Tensor, steps: int = 50, guidance_scale: float = 1.0,
+           generator: torch.Generator | None = None, batch_size: int = 500) -> torch.Tensor:
+    """Images in [0, 1] (CPU tensor, N x C x H x W) conditioned on `labels`, by `steps` DDIM steps (eta 0).
+
+    Classifier-free guidance when `guidance_scale` != 1: ε = ε_uncond + s (ε_cond − ε_uncond).
+    The starting noise is drawn on the CPU from `generator`, so a seed gives the same images anywhere.
+    """
+    from diffusers import DDIMScheduler
+
+    core = unwrap(model)
+    was_training = core.training
+    core.eval()
+    device = next(core.parameters()).device
+    ddim = DDIMScheduler.from_config(core.scheduler.config, timestep_spacing="trailing")
+    ddim.set_timesteps(steps)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    noise = torch.randn((len(labels), *core.image_shape), generator=generator)
+    out = []
+    for start in range(0, len(labels), batch_size):
+        y = labels[start:start + batch_size].to(device)
+        x = noise[start:start + batch_size].to(device)
+        guided = guidance_scale != 1.0
+        y_in = torch.cat([y, torch.full_like(y, core.null_label)]) if guided else y
+        for t in ddim.timesteps:
+            x_in = torch.cat([x, x]) if guided else x
+            eps = core(x_in, t.to(device).expand(len(x_in)), y_in)
+            if guided:
+                cond, uncond = eps.chunk(2)
+                eps = uncond + guidance_scale * (cond - uncond)
+            x = ddim.step(eps, t, x).prev_sample
+        out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
+    core.train(was_training)
+    return torch.cat(out) if out else noise
+
+
+__all__ = ["ConditionalDDPM", "build_ddpm", "diffusion_loss", "pseudo_label_loss", "sample", "unwrap"]

@@ -1,0 +1,236 @@
+"""Diffusion unlearning: the class-conditional DDPM, its loss and sampler, the FA/FD evaluator, and a tiny
+job end to end (results.json with FA and FD, sample grids, the forgotten class's FA falling under SFR-on).
+
+The tiny job trains an 8x8-digit DDPM for ~300 steps in this process; the `ray` test runs SFR-on on it with
+two Ray Train workers through the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from unlearn import spec as spec_mod
+from unlearn.errors import BadInput
+from unlearn.evaluation.diffusion import frechet_distance, gaussian_stats
+from unlearn.methods.base import Batch
+from unlearn.models import build_model
+from unlearn.models.ddpm import diffusion_loss, pseudo_label_loss, sample
+from unlearn.spec import ModelSpec
+
+SFR_ON = {"optimizer": "adam", "lr": 1.0e-3, "weight_decay": 0.0, "clip_grad": 1.0, "steps": 40,
+          "forget_every": 1, "forget_weight": 3.0, "batch_size": 64}
+
+
+def tiny_spec(cache_dir: Path, **changes) -> dict:
+    """8x8 digits, a ~0.2M-parameter UNet trained ~300 steps; forget digit 0."""
+    data = {
+        "name": "ddpm-tiny", "seed": 0,
+        "dataset": {"name": "digits", "test_fraction": 0.25},
+        "model": {"name": "ddpm", "channels": [16, 32], "train_timesteps": 200, "sample_steps": 10,
+                  "guidance_scale": 2.0},
+        "train": {"epochs": 14, "batch_size": 64, "optimizer": {"name": "adam", "lr": 3.0e-3, "weight_decay": 0.0}},
+        "forget": {"kind": "class", "classes": [0]},
+        "methods": [{"name": "sfr_on", "params": SFR_ON}],
+        "eval": {"samples_per_class": 16, "grid_per_class": 4},
+        "ray": {"enabled": False},
+        "cache_dir": str(cache_dir),
+    }
+    data.update(changes)
+    return data
+
+
+def tiny_model(cond_dropout: float = 0.1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelSpec(name="ddpm", channels=[16, 32], train_timesteps=200, cond_dropout=cond_dropout),
+                       10, (1, 8, 8))
+
+
+def digits_batch(n: int = 6) -> Batch:
+    return Batch(torch.rand(n, 1, 8, 8), torch.arange(n) % 10, torch.arange(n))
+
+
+def test_diffusion_loss_is_per_sample_finite_and_differentiable():
+    model = tiny_model().train()
+    losses = diffusion_loss(model, digits_batch(6))
+    assert losses.shape == (6,)
+    assert torch.isfinite(losses).all() and (losses > 0).all()
+    losses.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    relabelled = pseudo_label_loss(model, digits_batch(6), torch.full((6,), 5))
+    assert relabelled.shape == (6,) and torch.isfinite(relabelled).all()
+
+
+def test_labels_are_dropped_to_the_unconditional_id_only_in_train_mode():
+    model = tiny_model(cond_dropout=0.99)
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda _m, args: seen.append(args[2].clone()))
+    batch = digits_batch(64)
+    diffusion_loss(model.eval(), batch)
+    diffusion_loss(model.train(), batch)
+    assert torch.equal(seen[0], batch.y)
+    assert (seen[1] == model.null_label).float().mean() > 0.9
+
+
+def test_sampling_gives_images_in_unit_range_reproducible_from_the_generator():
+    model = tiny_model().eval()
+    labels = torch.tensor([0, 0, 3, 3, 7])
+    first = sample(model, labels, steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(1))
+    again = sample(model, labels, steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(1))
+    plain = sample(model, labels, steps=3, guidance_scale=1.0, generator=torch.Generator().manual_seed(1))
+    assert first.shape == (5, 1, 8, 8)
+    assert first.min() >= 0.0 and first.max() <= 1.0
+    assert torch.equal(first, again)
+    assert not torch.equal(first, plain)  # guidance changes the images
+    assert not model.training
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_the_mean_shift_for_shifted_ones():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(500, 6))
+    assert frechet_distance(gaussian_stats(features), gaussian_stats(features)) == pytest.approx(0.0, abs=1e-6)
+    shifted = features + np.array([1.0, 2.0, 0, 0, 0, 0])
+    assert frechet_distance(gaussian_stats(features), gaussian_stats(shifted)) == pytest.approx(5.0, rel=1e-6)
+
+
+def test_a_missing_inception_weights_file_stops_with_one_line(tmp_path):
+    from unlearn.job import prepare
+    from unlearn.evaluation import build_evaluator
+
+    spec = spec_mod.validate(tiny_spec(tmp_path / "cache", eval={"inception_weights": str(tmp_path / "nope.pt")}))
+    prep = prepare(spec)
+    with pytest.raises(BadInput, match="eval.inception_weights"):
+        build_evaluator(prep.task, prep.splits, spec, prep.dataset)
+
+
+def test_a_unet_deeper_than_the_images_allow_stops_before_any_work(tmp_path):
+    from unlearn.job import prepare
+    from unlearn.evaluation import build_evaluator
+
+    spec = spec_mod.validate(tiny_spec(tmp_path / "cache", model={"name": "ddpm", "channels": [16] * 5}))
+    prep = prepare(spec)
+    with pytest.raises(BadInput, match="model.channels"):
+        build_evaluator(prep.task, prep.splits, spec, prep.dataset)
+    assert not (tmp_path / "cache" / "judges").exists()
+
+
+@pytest.mark.slow
+def test_fid_is_reported_beside_fd_when_local_inception_weights_are_given(tmp_path):
+    """Random Inception weights saved locally stand in for the real ones (nothing is downloaded)."""
+    from torchvision.models import inception_v3
+
+    from unlearn.evaluation import build_evaluator
+    from unlearn.job import prepare
+
+    weights = tmp_path / "inception.pt"
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), weights)
+    spec = spec_mod.validate(tiny_spec(tmp_path / "cache", eval={"samples_per_class": 2,
+                                                                  "inception_weights": str(weights)}))
+    prep = prepare(spec)
+    evaluator = build_evaluator(prep.task, prep.splits, spec, prep.dataset)
+    metrics, _ = evaluator.evaluate(tiny_model())
+    assert {"FA", "FD", "FID"} <= set(metrics) and np.isfinite(metrics["FID"]) and metrics["FID"] >= 0
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+    """The tiny job through `run_job` in a fresh folder (embedded MLflow store there): original + SFR-on."""
+    from unlearn.job import run_job
+
+    work = tmp_path_factory.mktemp("ddpm")
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        spec = spec_mod.validate(tiny_spec(work / "cache"))
+        results = run_job(spec, work / "results")
+        yield work, spec, results
+    finally:
+        os.chdir(old)
+
+
+def test_the_job_writes_fa_and_fd_for_the_original_and_every_method(tiny_job):
+    work, _, results = tiny_job
+    assert json.loads((work / "results" / "results.json").read_text()) == results
+    assert results["model"] == "ddpm"
+    assert set(results["methods"]) == {"original", "sfr_on"}
+    for name, metrics in results["methods"].items():
+        assert {"FA", "FD", "CA", "seconds"} <= set(metrics), name
+        assert 0.0 <= metrics["FA"] <= 100.0 and metrics["FD"] >= 0.0
+
+
+def test_the_job_writes_a_sample_grid_per_model_to_results_and_mlflow(tiny_job):
+    work, _, results = tiny_job
+    for name in ("original", "sfr_on"):
+        grid = work / "results" / f"grid_{name}.png"
+        assert grid.is_file() and grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = MlflowClient(tracking_uri=results["mlflow"]["tracking_uri"])
+    run_files = {a.path for a in client.list_artifacts(results["mlflow"]["runs"]["sfr_on"])}
+    job_files = {a.path for a in client.list_artifacts(results["mlflow"]["parent_run"])}
+    assert "grid_sfr_on.png" in run_files and "grid_original.png" in job_files
+
+
+def test_sfr_on_makes_the_forgotten_class_fall_while_the_original_draws_it(tiny_job):
+    _, _, results = tiny_job
+    original, sfr_on = results["methods"]["original"], results["methods"]["sfr_on"]
+    assert original["FA"] >= 60.0
+    assert sfr_on["FA"] <= original["FA"] - 40.0
+
+
+def test_the_second_run_reuses_the_cached_original_and_judge(tiny_job, tmp_path):
+    from unlearn.job import prepare
+    from unlearn.training import original_key
+
+    work, spec, _ = tiny_job
+    prep = prepare(spec)
+    assert (Path(spec.cache_dir) / "models" / f"{original_key(spec, prep.splits)}.pt").is_file()
+    assert len(list((Path(spec.cache_dir) / "judges").glob("*.pt"))) == 1
+
+
+@pytest.mark.ray
+def test_sfr_on_unlearns_a_ddpm_with_two_ray_train_workers(ray_session, tiny_job):
+    """SFR-on through the engine on 2 workers (DDP over the UNet, Fisher reduced across shards) forgets too."""
+    from unlearn.engine import RayExecutor
+    from unlearn.evaluation import build_evaluator
+    from unlearn.execution import new_model
+    from unlearn.job import prepare, request_for
+    from unlearn.spec import MethodSpec, RaySpec
+    from unlearn.training import original_key
+
+    _, spec, results = tiny_job
+    prep = prepare(spec)
+    state = torch.load(Path(spec.cache_dir) / "models" / f"{original_key(spec, prep.splits)}.pt")
+    request = request_for(prep, MethodSpec(name="sfr_on", params=SFR_ON), state)
+    out = RayExecutor(RaySpec(num_workers=2), seed=spec.seed).run(request)
+    assert len(out.history) == SFR_ON["steps"]
+    assert all(np.isfinite(row["retain_loss"]) and np.isfinite(row["forget_loss"]) for row in out.history)
+    model = new_model(request)
+    model.load_state_dict(out.state)
+    metrics, _ = build_evaluator(prep.task, prep.splits, spec, prep.dataset).evaluate(model)
+    assert metrics["FA"] <= results["methods"]["original"]["FA"] - 40.0
+
+
+def test_selective_amnesia_makes_the_forgotten_class_fall(tiny_job):
+    """SA (noise images for the forgotten label, replay + EWC) in this process, on the tiny job's original."""
+    from unlearn.evaluation import build_evaluator
+    from unlearn.execution import LocalExecutor, new_model
+    from unlearn.job import prepare, request_for
+    from unlearn.spec import MethodSpec
+    from unlearn.training import original_key
+
+    _, spec, results = tiny_job
+    prep = prepare(spec)
+    state = torch.load(Path(spec.cache_dir) / "models" / f"{original_key(spec, prep.splits)}.pt")
+    params = {"lr": 1.0e-3, "steps": 40, "batch_size": 64}
+    request = request_for(prep, MethodSpec(name="sa", params=params), state)
+    out = LocalExecutor("cpu").run(request)
+    assert len(out.history) == params["steps"] and all(np.isfinite(r["ewc"]) for r in out.history)
+    model = new_model(request)
+    model.load_state_dict(out.state)
+    metrics, _ = build_evaluator(prep.task, prep.splits, spec, prep.dataset).evaluate(model)
+    assert metrics["FA"] <= results["methods"]["original"]["FA"] - 40.0

@@ -550,3 +550,41 @@ def test_each_method_lowers_forget_accuracy_on_digits(name, digits_original):
     if name not in FORGETS_BY_DESIGN_ONLY:
         assert ra_after >= ra_before - 10, f"{name}: RA {ra_before:.1f} -> {ra_after:.1f}"
     assert all(np.isfinite(v) for row in out.history for v in row.values())
+
+
+def test_tarf_phase_two_ascends_on_the_identified_samples_too():
+    forget = make_batches(2, 8, seed=18, labels=4)
+    retain = make_batches(5, 8, seed=19, start=1000)
+    logged = {}
+    for flag in (True, False):
+        model = tiny_model(17)
+        method = methods.build("tarf", {"batch_size": 8, "k0": 0.5, "t0_epochs": 2, "t1_epochs": 1, "lr": 0.2,
+                                        "beta_quantile": 0.5, "ascend_identified": flag})
+        ctx = make_ctx(method, model, frozen(model), forget, retain, total_steps=20)
+        method.setup(ctx)
+        for step in range(method.t1_steps + 1):
+            ctx.step = step
+            logged[flag] = method.step(ctx, forget[step % 2], retain[step % 5])
+        batch = retain[method.t1_steps % 5]
+        n_identified = int((method.tau[batch.index] == 0).sum())
+    assert 0 < n_identified < 8
+    assert logged[True]["identified"] == n_identified and "identified" not in logged[False]
+
+
+def test_frozen_norm_stats_keep_the_running_statistics_while_update_changes_them():
+    from unlearn import loop
+
+    for setting, should_change in (("frozen", False), ("update", True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(FEATURES, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, NUM_CLASSES))
+        before = model[1].running_mean.clone()
+        method = methods.build("delete", {"batch_size": 8, "norm_stats": setting})
+        forget = make_batches(3, 8, seed=5, labels=2)
+        ctx = make_ctx(method, model, frozen(model), forget, [], total_steps=3)
+        stream = type("S", (), {"size": 24, "batches": lambda self: iter(forget * 10)})()
+        loop.run(method, ctx, stream, stream, verbose=False)
+        changed = not torch.equal(model[1].running_mean, before)
+        assert changed == should_change, setting
+        model.train()  # a later train() cannot undo the freeze
+        model(forget[0].x)
+        assert (not torch.equal(model[1].running_mean, before)) == should_change

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
 from unlearn.errors import DivergedError
 from unlearn.methods.base import Batch, Context, Method
@@ -108,6 +109,22 @@ class LoopResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per step: step + losses
 
 
+def freeze_norm_stats(module: nn.Module) -> None:
+    """Keep every BatchNorm layer in evaluation mode (running statistics used, never updated).
+
+    Why: a method that sees only forget batches (one class, or a few) would otherwise replace the
+    running statistics with that class's, which costs the retained classes accuracy at evaluation
+    however small the learning rate. A pre-hook rather than `.eval()`, so that methods and DDP that
+    toggle `train()` cannot undo it.
+    """
+    def hold(layer: nn.Module, _inputs) -> None:
+        layer.training = False
+
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            layer.register_forward_pre_hook(hold)
+
+
 def run(method: Method, ctx: Context, forget: Stream, retain: Stream, *, start_step: int = 0,
         on_epoch: Callable[[EpochSummary], None] | None = None, label: str | None = None,
         log_every: int = 1, verbose: bool = True) -> LoopResult:
@@ -124,6 +141,8 @@ def run(method: Method, ctx: Context, forget: Stream, retain: Stream, *, start_s
     history: list[dict[str, float]] = []
     running: dict[str, list[float]] = {}
     ctx.model.train()
+    if method.params.norm_stats == "frozen":
+        freeze_norm_stats(ctx.module)
     for step in range(start_step, ctx.total_steps):
         ctx.step = step
         ctx.logged = {}

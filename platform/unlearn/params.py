@@ -81,6 +81,9 @@ class MethodParams(BaseModel):
     weight_decay: float = hparam(5e-4, ge=0, le=1, help="weight decay")
     lr_schedule: Literal["constant", "cosine"] = hparam("constant", help="learning-rate schedule over the run")
     clip_grad: float | None = hparam(None, gt=0, help="gradient norm clip (None: no clipping)")
+    norm_stats: Literal["update", "frozen"] = hparam(
+        "update", help="BatchNorm layers while unlearning: 'update' (training mode: batch statistics, running "
+                       "averages updated) or 'frozen' (the original's running statistics, as at evaluation)")
 
 
 def field_doc(field: FieldInfo) -> tuple[str, str, dict | None]:

@@ -7,6 +7,8 @@ is distilled towards it: the forgotten class gets no mass while the others keep 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from unlearn.methods import register
@@ -42,6 +44,9 @@ class DeleteParams(MethodParams):
     weight_decay: float = hparam(0.0, ge=0, le=1, paper="DELETE release: no weight decay", help="weight decay")
     temperature: float = hparam(1.0, gt=0, le=100, search=loguniform(0.5, 8.0), paper="DELETE release: T = 1",
                                 help="softmax temperature of teacher and student")
+    norm_stats: Literal["update", "frozen"] = hparam(
+        "frozen", paper="deviation from the release (BatchNorm in training mode): forget-only batches hold one class and would make the running statistics that class's; synthetic class forgetting, lr 1e-4: RA 86.2 updated vs 92.9 frozen",
+        help="BatchNorm layers: 'frozen' at the original's running statistics, or 'update' them")
     mask_label: int | None = hparam(None, ge=0, paper="DELETE: backdoor defence masks the backdoor target",
                                     help="mask this label for every sample instead of each sample's own label")
 

@@ -7,6 +7,8 @@ class this is DELETE's loss.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from unlearn.methods import register
@@ -40,6 +42,9 @@ class CureParams(MethodParams):
                              help="global batch size")
     momentum: float = hparam(0.9, ge=0, lt=1, paper="DELETE release: SGD momentum 0.9", help="SGD momentum")
     weight_decay: float = hparam(0.0, ge=0, le=1, paper="DELETE release: no weight decay", help="weight decay")
+    norm_stats: Literal["update", "frozen"] = hparam(
+        "frozen", paper="as delete: BatchNorm statistics kept at the original's (forget-only batches hold one class)",
+        help="BatchNorm layers: 'frozen' at the original's running statistics, or 'update' them")
     mask_classes: list[int] | None = hparam(None, paper="CURE: concept unlearning masks the concept's classes",
                                             help="model-level labels to mask besides the forget set's own labels "
                                                  "(a concept's classes)")

@@ -4,7 +4,9 @@ L = k(t) · (−mean ℓ on D_f) + mean over the retain stream D_un of ℓ · τ
 Phase I (t < t1): annealed ascent only, which also moves the hidden rest of the target concept.
 At t1 every retain sample is scored by |ℓ(θ_t) − ℓ(θ0)| (one pass over each shard, keyed by global
 index); the scores of all shards are gathered and exactly the top `beta_quantile` share gets τ = 0
-("false retaining data"), the rest τ = 1. Phase II: both terms. Phase III (t ≥ t0, k = 0): retaining only.
+("false retaining data"), the rest τ = 1. Phase II: both terms, the annealed ascent covering the
+identified samples too (the paper's "annealed gradient ascent on the identified potential forgetting
+data"; `ascend_identified: false` keeps it on D_f only). Phase III (t ≥ t0, k = 0): retaining only.
 t0 and t1 are counted in passes over the retain stream.
 """
 
@@ -71,6 +73,10 @@ class TARFParams(MethodParams):
     beta_quantile: float = hparam(0.1, ge=0, lt=1, search=uniform(0.0, 0.3),
                                   paper="TARF: the top-10% identification scores are dropped",
                                   help="share of retain samples with the highest loss change that get τ = 0")
+    ascend_identified: bool = hparam(True, search=choice([True, False]),
+                                     paper="TARF: 'an annealed gradient ascent on the identified potential forgetting "
+                                           "data' (phase II), not only on the given forget set",
+                                     help="phase II: the retain samples with τ = 0 join the annealed ascent")
 
 
 @register
@@ -120,15 +126,23 @@ class TARF(Method):
         k = self.k(ctx.step)
         logged: dict[str, float] = {"k": k}
         loss = torch.zeros((), device=ctx.device)
-        if k > 0:
-            forget_loss = ctx.loss(ctx.model, forget).mean()
-            loss = loss - k * forget_loss
-            logged["forget_loss"] = forget_loss.item()
+        retain_losses = None
         if self.tau is not None:
             weights = self.tau[retain.index.to(self.tau.device)]
-            retain_loss = (ctx.loss(ctx.model, retain) * weights).mean()
+            retain_losses = ctx.loss(ctx.model, retain)
+            retain_loss = (retain_losses * weights).mean()
             loss = loss + retain_loss
             logged["retain_loss"] = retain_loss.item()
+        if k > 0:
+            forget_losses = ctx.loss(ctx.model, forget)
+            if retain_losses is not None and self.params.ascend_identified:
+                # the identified "false retaining" samples of this batch are forgotten alongside D_f
+                identified = retain_losses[weights == 0]
+                forget_losses = torch.cat([forget_losses, identified])
+                logged["identified"] = float(len(identified))
+            forget_loss = forget_losses.mean()
+            loss = loss - k * forget_loss
+            logged["forget_loss"] = forget_loss.item()
         if loss.requires_grad:  # no term is active only between t0 and t1 when t1 > t0: every worker skips alike
             self.apply(ctx, loss)
         return logged

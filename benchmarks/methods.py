@@ -1,0 +1,113 @@
+"""Every method x every scenario: the table behind the README's results section.
+
+Runs each job spec (jobs/synthetic-*.yaml and jobs/digits-*.yaml by default) with `unlearn.job.run_job`,
+collects results.json, and writes benchmarks/results/methods.md and methods.json with FA, RA, TA,
+MIA, Gap, KL, seconds and speed-up vs retrain, followed by the issue's acceptance checks, each
+marked met or not met (the figures are never bent to meet them).
+
+    python benchmarks/methods.py                       # all scenarios, in-process executor
+    python benchmarks/methods.py --jobs jobs/synthetic-class.yaml --engine ray
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+from unlearn import spec as spec_mod  # noqa: E402
+from unlearn.job import run_job, write_json_atomic  # noqa: E402
+
+COLUMNS = ("FA", "RA", "TA", "MIA", "gap", "KL", "seconds", "speedup")
+DEFAULT_JOBS = sorted(glob.glob(str(ROOT / "jobs" / "synthetic-*.yaml"))) + sorted(glob.glob(str(ROOT / "jobs" / "digits-*.yaml")))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if isinstance(v, (int, float)) else str(v)
+
+
+def table(methods: dict[str, dict]) -> str:
+    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, m in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def checks(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
+    """The issue's 'done when' lines, evaluated on the measured figures."""
+    out: list[tuple[str, bool, str]] = []
+
+    def m(job: str) -> dict | None:
+        return results.get(job, {}).get("methods")
+
+    cls = m("synthetic-class")
+    if cls:
+        for name in ("delete", "sfr_on", "grogu"):
+            if name in cls:
+                r = cls[name]
+                out.append((f"class (synthetic): {name} FA ≤ 1 and Gap ≤ 3", r["FA"] <= 1 and r["gap"] <= 3,
+                            f"FA {r['FA']:.2f}, Gap {r['gap']:.2f}"))
+        best = min((v["gap"], k) for k, v in cls.items() if k not in ("original", "retrain"))
+        out.append(("class (synthetic): best Gap ≤ 1.5", best[0] <= 1.5, f"{best[1]} {best[0]:.2f}"))
+    rnd = m("synthetic-random")
+    if rnd and {"sfr_on", "ft", "ga"} <= set(rnd):
+        ok = rnd["sfr_on"]["gap"] < min(rnd["ft"]["gap"], rnd["ga"]["gap"])
+        out.append(("random 10% (synthetic): SFR-on Gap below FT's and GA's", ok,
+                    f"sfr_on {rnd['sfr_on']['gap']:.2f}, ft {rnd['ft']['gap']:.2f}, ga {rnd['ga']['gap']:.2f}"))
+    for job in ("synthetic-concept-target", "synthetic-concept-data"):
+        r = m(job)
+        if r and {"tarf", "ft", "ga"} <= set(r):
+            ok = r["tarf"]["FA"] <= 10 and r["ft"]["FA"] >= 30 and r["ga"]["FA"] >= 30
+            out.append((f"{job}: TARF FA ≤ 10 while FT and GA FA ≥ 30", ok,
+                        f"tarf {r['tarf']['FA']:.2f}, ft {r['ft']['FA']:.2f}, ga {r['ga']['FA']:.2f}"))
+            best = min((v["gap"], k) for k, v in r.items() if k not in ("original", "retrain"))
+            out.append((f"{job}: TARF has the lowest Gap", best[1] == "tarf", f"lowest: {best[1]} {best[0]:.2f}, tarf {r['tarf']['gap']:.2f}"))
+    slow = [(job, k, v.get("speedup")) for job, res in results.items() if job.startswith("synthetic")
+            for k, v in res["methods"].items() if k not in ("original", "retrain") and (v.get("speedup") or 0) < 5]
+    out.append(("every method ≥ 5× faster than retrain (synthetic)", not slow,
+                "all ≥ 5×" if not slow else "; ".join(f"{j}/{k} {s:.1f}×" for j, k, s in slow if s is not None)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", nargs="*", default=DEFAULT_JOBS)
+    ap.add_argument("--engine", choices=["local", "ray"], default="local")
+    ap.add_argument("--set", action="append", default=[], help="override applied to every job")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    json_path = out / "methods.json"
+    results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    for path in args.jobs:
+        overrides = [f"ray.enabled={'true' if args.engine == 'ray' else 'false'}", *args.set]
+        spec = spec_mod.load(path, overrides)
+        t0 = time.perf_counter()
+        res = run_job(spec, ROOT / "results" / "benchmarks" / spec.name)
+        res["wall_seconds"] = time.perf_counter() - t0
+        res["spec"] = str(Path(path).relative_to(ROOT))
+        results[spec.name] = res
+        write_json_atomic(results, json_path)  # after each job: a long run keeps what it measured
+    lines = ["# Methods benchmark", "",
+             "Produced by `python benchmarks/methods.py` (2-core CPU, in-process executor unless noted).",
+             "`seconds` is the unlearning itself (retrain: training from scratch); speed-up = retrain / method.", ""]
+    for name, res in results.items():
+        lines += [f"## {name}", "", f"spec `{res.get('spec', '?')}`; dataset {res['dataset']} / {res['model']}; "
+                  f"forget {json.dumps(res['forget'])}; sizes {json.dumps(res['sizes'])}", "", table(res["methods"]), ""]
+    lines += ["## Acceptance checks", ""]
+    for text, ok, detail in checks(results):
+        lines.append(f"- {'met' if ok else 'NOT met'}: {text} ({detail})")
+    (out / "methods.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

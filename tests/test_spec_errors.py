@@ -170,3 +170,8 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "dataset.name" in lines[0]
+
+
+def test_cure_on_a_forget_set_spanning_every_class(tmp_path, capsys):
+    line = _bad(tmp_path, capsys, _with(forget={"kind": "random", "fraction": 0.2}, methods=[{"name": "grogu"}]))
+    assert line.startswith("error: methods.0.params.mask_classes: every class would be masked"), line

@@ -21,7 +21,7 @@ import torch
 from unlearn import plots
 from unlearn.data import ImageDataset, load_dataset
 from unlearn.data.scenarios import Splits, make_splits
-from unlearn.errors import BadInput
+from unlearn.errors import BadInput, SpecError
 from unlearn.evaluation import build_evaluator
 from unlearn.execution import Executor, LocalExecutor, RunRequest, new_model
 from unlearn.methods import Method, validate_methods
@@ -54,6 +54,11 @@ def prepare(spec: JobSpec) -> Prepared:
     methods = validate_methods(spec.methods, task)
     dataset = load_dataset(spec.dataset, spec.seed, spec.cache_dir)
     splits = make_splits(dataset, spec.forget, spec.seed)
+    for i, method in enumerate(methods):  # e.g. CURE needs classes outside the forget set
+        try:
+            method.check_data(splits.forget.y, splits.num_outputs)
+        except SpecError as err:
+            raise SpecError(f"methods.{i}.{err.field}", str(err).split(": ", 1)[-1]) from None
     return Prepared(spec, task, methods, dataset, splits)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -77,6 +78,10 @@ class Method:
 
     def __init__(self, params: MethodParams | None = None) -> None:
         self.params = params if params is not None else self.Params()
+
+    def check_data(self, forget_labels: np.ndarray, num_outputs: int) -> None:
+        """Before any work: raise SpecError (field relative to the method entry) if the method cannot run on
+        this forget set. Most methods can run on any."""
 
     def setup(self, ctx: Context) -> None:
         """Once before the first step."""

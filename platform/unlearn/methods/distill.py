@@ -6,6 +6,7 @@ with some classes masked out, and the student is pulled towards them.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +43,18 @@ def forgotten_classes(ctx: Context, extra: list[int] | None) -> torch.Tensor:
         present[c] = 1.0
     mask = present > 0
     if bool(mask.all()):
-        raise SpecError("params.mask_classes", "every class would be masked: the forget set spans all classes "
-                        "(CURE's relabelling needs classes to relabel to; use delete for random forgetting)")
+        raise SpecError("params.mask_classes", ALL_MASKED)
     return mask
+
+
+ALL_MASKED = ("every class would be masked: the forget set spans all classes "
+              "(CURE's relabelling needs classes to relabel to; use delete for random forgetting)")
+
+
+def check_kept_classes(forget_labels: np.ndarray, num_outputs: int, extra: list[int] | None) -> None:
+    """Pre-flight of `forgotten_classes`: some output class must stay unmasked."""
+    for c in extra or []:
+        if not 0 <= c < num_outputs:
+            raise SpecError("params.mask_classes", f"class {c} is not an output of the model (0..{num_outputs - 1})")
+    if len(set(np.unique(forget_labels).tolist()) | set(extra or [])) >= num_outputs:
+        raise SpecError("params.mask_classes", ALL_MASKED)

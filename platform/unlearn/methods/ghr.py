@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.methods.distill import forgotten_classes, teacher_logits
+from unlearn.methods.distill import check_kept_classes, forgotten_classes, teacher_logits
 from unlearn.methods.gsr import CURE_PAPER, CureParams
 
 
@@ -34,6 +34,9 @@ class GHR(Method):
     Params = CureParams
     paper = f"{CURE_PAPER} (guided hard relabel)"
     summary = "cross-entropy to the original's arg-max among the non-forgotten classes"
+
+    def check_data(self, forget_labels, num_outputs: int) -> None:
+        check_kept_classes(forget_labels, num_outputs, self.params.mask_classes)
 
     def setup(self, ctx: Context) -> None:
         self.forgotten = forgotten_classes(ctx, self.params.mask_classes)

@@ -14,7 +14,7 @@ import torch
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method, grads_of
-from unlearn.methods.distill import forgotten_classes, teacher_logits
+from unlearn.methods.distill import check_kept_classes, forgotten_classes, teacher_logits
 from unlearn.methods.ghr import ghr_loss
 from unlearn.methods.gsr import CURE_PAPER, GSRParams, gsr_loss
 from unlearn.methods.whole_set import flatten, unflatten
@@ -45,6 +45,9 @@ class GROGU(Method):
     Params = GroguParams
     paper = f"{CURE_PAPER} (guided restricted orthogonal gradient unlearning)"
     summary = "GSR + GHR gradients combined orthogonally when they conflict"
+
+    def check_data(self, forget_labels, num_outputs: int) -> None:
+        check_kept_classes(forget_labels, num_outputs, self.params.mask_classes)
 
     def setup(self, ctx: Context) -> None:
         self.forgotten = forgotten_classes(ctx, self.params.mask_classes)

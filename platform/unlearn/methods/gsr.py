@@ -13,7 +13,7 @@ import torch
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.methods.distill import forgotten_classes, kl_to_teacher, teacher_logits
+from unlearn.methods.distill import check_kept_classes, forgotten_classes, kl_to_teacher, teacher_logits
 from unlearn.params import MethodParams, hparam, loguniform
 
 CURE_PAPER = "CURE (ICLR 2026 submission): no public release; recipe of DELETE, which CURE extends"
@@ -64,6 +64,9 @@ class GSR(Method):
     Params = GSRParams
     paper = f"{CURE_PAPER} (guided soft relabel)"
     summary = "distil towards the original's distribution renormalised without the forgotten classes"
+
+    def check_data(self, forget_labels, num_outputs: int) -> None:
+        check_kept_classes(forget_labels, num_outputs, self.params.mask_classes)
 
     def setup(self, ctx: Context) -> None:
         self.forgotten = forgotten_classes(ctx, self.params.mask_classes)

@@ -93,7 +93,7 @@ def main() -> None:
         t0 = time.perf_counter()
         res = run_job(spec, ROOT / "results" / "benchmarks" / spec.name)
         res["wall_seconds"] = time.perf_counter() - t0
-        res["spec"] = str(Path(path).relative_to(ROOT))
+        res["spec"] = str(Path(path).resolve().relative_to(ROOT))
         results[spec.name] = res
         write_json_atomic(results, json_path)  # after each job: a long run keeps what it measured
     lines = ["# Methods benchmark", "",

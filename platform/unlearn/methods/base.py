@@ -9,6 +9,7 @@ sfr_on, salun, ...) serve both.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator, NamedTuple
 
@@ -64,7 +65,7 @@ class Context:
         return self.step / max(self.total_steps, 1)
 
 
-class Method:
+class Method(abc.ABC):
     """Base class: subclasses set the class attributes and implement `step` (and maybe `setup`)."""
 
     name: ClassVar[str]
@@ -86,9 +87,9 @@ class Method:
     def setup(self, ctx: Context) -> None:
         """Once before the first step."""
 
+    @abc.abstractmethod
     def step(self, ctx: Context, forget: Batch | None, retain: Batch | None) -> dict[str, float]:
         """One optimisation step; returns the losses to log."""
-        raise NotImplementedError(f"{type(self).__name__} must implement step()")
 
     def state_dict(self) -> dict:
         """Method state that a resumed run needs beyond the weights (scores, masks made mid-run)."""

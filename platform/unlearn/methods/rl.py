@@ -18,10 +18,17 @@ def random_other_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 def random_label_loss(ctx: Context, forget: Batch, retain: Batch, retain_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean task loss of the forget batch under random wrong labels + retain_weight × mean retain loss.
 
-    For diffusion models the wrong label is the class the image is conditioned on (SalUn's DDPM variant).
+    For diffusion models, SalUn's DDPM variant: the prediction under the forgotten label is pulled to the
+    (detached) prediction under a random other label, so the forgotten label learns to draw another class.
+    (Training the other labels on the forgotten images instead would teach them to draw the forgotten class.)
     """
-    relabelled = Batch(forget.x, random_other_labels(forget.y, ctx.num_classes), forget.index)
-    forget_loss = ctx.loss(ctx.model, relabelled).mean()
+    wrong = random_other_labels(forget.y, ctx.num_classes)
+    if ctx.task == "diffusion":
+        from unlearn.models.ddpm import pseudo_label_loss  # here: models.ddpm imports methods.base (a cycle at import)
+
+        forget_loss = pseudo_label_loss(ctx.model, forget, wrong).mean()
+    else:
+        forget_loss = ctx.loss(ctx.model, Batch(forget.x, wrong, forget.index)).mean()
     retain_loss = ctx.loss(ctx.model, retain).mean()
     return forget_loss + retain_weight * retain_loss, {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
 

@@ -3,7 +3,7 @@
 Saliency = |∇θ ℓ(D_f)| at θ0 (the mean forget-loss gradient: per-sample sums and the count are
 all-reduced first); the mask keeps the top `saliency_fraction` of all weights (one threshold over every
 parameter tensor). Training is RL's loss with the gradient outside the mask zeroed. For diffusion
-models the random label is the class the forgotten images are conditioned on.
+models the forgotten label is steered to a random other class's noise prediction (SalUn's DDPM code).
 """
 
 from __future__ import annotations

@@ -119,7 +119,8 @@ def write(results: dict, job_out: Path, out: Path) -> None:
         rows.append(f"| {name} | {m['FA']:.1f} | {m['CA']:.1f} | {m['FD']:.2f} | {m['FD'] / original['FD']:.2f} "
                     f"| {secs} | {speed} |")
     params = {e.get("label") or e["name"]: e["params"] for e in s["methods"]}
-    settings = [f"- `{name}`: " + (", ".join(f"{k} {v}" for k, v in p.items()) or "the original's training recipe")
+    settings = [f"- `{name}`: " + (", ".join(f"{k} {v}" for k, v in p.items())
+                                   or ("the original's training recipe" if name == "retrain" else "its declared defaults"))
                 for name, p in params.items()]
     grid_lines = [f"![grid_{name}](diffusion/grid_{name}.png)" for name in methods if (grids / f"grid_{name}.png").is_file()]
     lines = [
@@ -161,10 +162,9 @@ def write(results: dict, job_out: Path, out: Path) -> None:
         "(256× smaller here), so a gradient-norm clip does not transfer as a number. `sfr_on` keeps every released "
         "setting but the clip (0.02 instead of 1, chosen on this job: 0.01 forgot too little, 0.05 forgot with "
         "more damage); `sfr_on-clip1` is the released clip taken literally: it forgets but hurts the kept digits.",
-        "- `salun` relabels through the task loss (`methods/rl.py: random_label_loss`): for a DDPM that trains the "
-        "*other* labels to draw the forgotten digit's images, instead of steering the forgotten label to another "
-        "class as SalUn's DDPM code does (MSE between the prediction under the forgotten label and the detached "
-        "prediction under a pseudo label; `unlearn.models.ddpm.pseudo_label_loss`). Reported as it is.",
+        "- `salun` steers the forgotten label to a random other class: the prediction under the forgotten label "
+        "is pulled to the detached prediction under a pseudo label (SalUn's DDPM relabelling, "
+        "`unlearn.models.ddpm.pseudo_label_loss`), on the top-50% saliency mask, with the release's other settings.",
         "- `ga` ascends the forgotten digit's noise-prediction loss without any retain term: the judge still reads "
         "its samples of the digit as that digit at this strength, and the kept digits degrade.",
         f"- FD is measured on {s['eval']['samples_per_class']} samples per class (with 64, its spread over sampling "

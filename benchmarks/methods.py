@@ -7,6 +7,7 @@ marked met or not met (the figures are never bent to meet them).
 
     python benchmarks/methods.py                       # all scenarios, in-process executor
     python benchmarks/methods.py --jobs jobs/synthetic-class.yaml --engine ray
+    python benchmarks/methods.py --jobs                # no job: rewrite methods.md from methods.json
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def main() -> None:
     lines += ["## Acceptance checks", ""]
     for text, ok, detail in checks(results):
         lines.append(f"- {'met' if ok else 'NOT met'}: {text} ({detail})")
+    lines += ["", "Why a check is not met, and what was tried (searches included): the README's Results section;",
+              "the searches: methods-tuning.md and tune.md beside this file."]
     (out / "methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -23,7 +23,7 @@ from unlearn.methods import build as build_method
 from unlearn.methods.base import Context
 from unlearn.models import build_model, reinitialise
 from unlearn.spec import ModelSpec
-from unlearn.tasks import loss_for
+from unlearn.tasks import loss_for, relabel_for
 
 
 @dataclass
@@ -97,7 +97,8 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
             scheduler.load_state_dict(resume["scheduler"])
     ctx = Context(
         model=model, module=module, original=original, optimizer=optimizer, params=method.params,
-        loss=loss_for(request.task), task=request.task, num_classes=request.num_outputs,
+        loss=loss_for(request.task), relabel=relabel_for(request.task), task=request.task,
+        num_classes=request.num_outputs,
         forget_size=forget.size, retain_size=retain.size,
         forget_batches=forget.one_pass, retain_batches=retain.one_pass,
         comm=comm or LocalComm(), device=device, step=start_step, total_steps=steps,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unlearn.methods.base import Batch, LossFn
+from unlearn.methods.base import Batch, LossFn, RelabelFn
 
 
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -25,3 +25,16 @@ def loss_for(task: str, model: nn.Module | None = None) -> LossFn:
     from unlearn.models.ddpm import diffusion_loss
 
     return diffusion_loss
+
+
+def relabel_for(task: str) -> RelabelFn | None:
+    """The task's relabelling loss, where plain relabelling through the task loss would be wrong.
+
+    Diffusion: SalUn's pseudo-label loss (the task loss under other labels would train those labels to draw
+    the forgotten images). Classification: None, the task loss under the new labels.
+    """
+    if task == "classification":
+        return None
+    from unlearn.models.ddpm import pseudo_label_loss
+
+    return pseudo_label_loss

@@ -28,6 +28,8 @@ class Batch(NamedTuple):
 
 
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # per-sample task loss, shape (batch,)
+# per-sample loss that teaches the model other `labels` for the batch's inputs (random-label methods)
+RelabelFn = Callable[[nn.Module, Batch, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -54,6 +56,13 @@ class Context:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     logged: dict[str, float] = field(default_factory=dict)
     resume_method_state: dict | None = None  # the method's own state from a checkpoint, if resuming
+    relabel: RelabelFn | None = None  # the task's own relabelling loss; None: the task loss under the new labels
+
+    def relabel_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss that teaches `model` the given labels for the batch's inputs."""
+        if self.relabel is not None:
+            return self.relabel(model, batch, labels)
+        return self.loss(model, Batch(batch.x, labels, batch.index))
 
     def log(self, **values: float) -> None:
         """Record values (besides the returned losses) for this step's log line."""

@@ -16,19 +16,14 @@ def random_other_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def random_label_loss(ctx: Context, forget: Batch, retain: Batch, retain_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean task loss of the forget batch under random wrong labels + retain_weight × mean retain loss.
+    """Mean relabelling loss of the forget batch under random wrong labels + retain_weight × mean retain loss.
 
-    For diffusion models, SalUn's DDPM variant: the prediction under the forgotten label is pulled to the
-    (detached) prediction under a random other label, so the forgotten label learns to draw another class.
-    (Training the other labels on the forgotten images instead would teach them to draw the forgotten class.)
+    Classification: cross-entropy to the wrong labels. Diffusion (`ctx.relabel`, SalUn's DDPM variant): the
+    prediction under the forgotten label is pulled to the detached prediction under the wrong label, so the
+    forgotten label learns to draw another class.
     """
     wrong = random_other_labels(forget.y, ctx.num_classes)
-    if ctx.task == "diffusion":
-        from unlearn.models.ddpm import pseudo_label_loss  # here: models.ddpm imports methods.base (a cycle at import)
-
-        forget_loss = pseudo_label_loss(ctx.model, forget, wrong).mean()
-    else:
-        forget_loss = ctx.loss(ctx.model, Batch(forget.x, wrong, forget.index)).mean()
+    forget_loss = ctx.relabel_loss(ctx.model, forget, wrong).mean()
     retain_loss = ctx.loss(ctx.model, retain).mean()
     return forget_loss + retain_weight * retain_loss, {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
 

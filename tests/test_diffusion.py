@@ -215,43 +215,36 @@ def test_sfr_on_unlearns_a_ddpm_with_two_ray_train_workers(ray_session, tiny_job
     assert metrics["FA"] <= results["methods"]["original"]["FA"] - 40.0
 
 
-def test_selective_amnesia_makes_the_forgotten_class_fall(tiny_job):
-    """SA (noise images for the forgotten label, replay + EWC) in this process, on the tiny job's original."""
+def _unlearn_tiny_in_process(tiny_job, method: str, params: dict) -> tuple[list[dict], dict]:
+    """Run one method in this process on the tiny job's cached original: (step history, metrics)."""
     from unlearn.evaluation import build_evaluator
     from unlearn.execution import LocalExecutor, new_model
     from unlearn.job import prepare, request_for
     from unlearn.spec import MethodSpec
     from unlearn.training import original_key
 
-    _, spec, results = tiny_job
+    _, spec, _ = tiny_job
     prep = prepare(spec)
     state = torch.load(Path(spec.cache_dir) / "models" / f"{original_key(spec, prep.splits)}.pt")
-    params = {"lr": 1.0e-3, "steps": 40, "batch_size": 64}
-    request = request_for(prep, MethodSpec(name="sa", params=params), state)
+    request = request_for(prep, MethodSpec(name=method, params=params), state)
     out = LocalExecutor("cpu").run(request)
-    assert len(out.history) == params["steps"] and all(np.isfinite(r["ewc"]) for r in out.history)
     model = new_model(request)
     model.load_state_dict(out.state)
     metrics, _ = build_evaluator(prep.task, prep.splits, spec, prep.dataset).evaluate(model)
-    assert metrics["FA"] <= results["methods"]["original"]["FA"] - 40.0
+    return out.history, metrics
+
+
+def test_selective_amnesia_makes_the_forgotten_class_fall(tiny_job):
+    """SA (noise images for the forgotten label, replay + EWC) in this process, on the tiny job's original."""
+    params = {"lr": 1.0e-3, "steps": 40, "batch_size": 64}
+    history, metrics = _unlearn_tiny_in_process(tiny_job, "sa", params)
+    assert len(history) == params["steps"] and all(np.isfinite(r["ewc"]) for r in history)
+    assert metrics["FA"] <= tiny_job[2]["methods"]["original"]["FA"] - 40.0
 
 
 def test_salun_steers_the_forgotten_label_to_other_classes(tiny_job):
     """SalUn's DDPM relabelling (the forgotten label pulled to another class's prediction) makes FA fall."""
-    from unlearn.evaluation import build_evaluator
-    from unlearn.execution import LocalExecutor, new_model
-    from unlearn.job import prepare, request_for
-    from unlearn.spec import MethodSpec
-    from unlearn.training import original_key
-
-    _, spec, results = tiny_job
-    prep = prepare(spec)
-    state = torch.load(Path(spec.cache_dir) / "models" / f"{original_key(spec, prep.splits)}.pt")
     params = {"optimizer": "adam", "lr": 1.0e-3, "weight_decay": 0.0, "steps": 40, "retain_weight": 1.0e-3}
-    request = request_for(prep, MethodSpec(name="salun", params=params), state)
-    out = LocalExecutor("cpu").run(request)
-    assert len(out.history) == params["steps"] and all(np.isfinite(r["forget_loss"]) for r in out.history)
-    model = new_model(request)
-    model.load_state_dict(out.state)
-    metrics, _ = build_evaluator(prep.task, prep.splits, spec, prep.dataset).evaluate(model)
-    assert metrics["FA"] <= results["methods"]["original"]["FA"] - 40.0
+    history, metrics = _unlearn_tiny_in_process(tiny_job, "salun", params)
+    assert len(history) == params["steps"] and all(np.isfinite(r["forget_loss"]) for r in history)
+    assert metrics["FA"] <= tiny_job[2]["methods"]["original"]["FA"] - 40.0

@@ -119,8 +119,8 @@ def write(results: dict, job_out: Path, out: Path) -> None:
         rows.append(f"| {name} | {m['FA']:.1f} | {m['CA']:.1f} | {m['FD']:.2f} | {m['FD'] / original['FD']:.2f} "
                     f"| {secs} | {speed} |")
     params = {e.get("label") or e["name"]: e["params"] for e in s["methods"]}
-    settings = [f"- `{name}`: " + (", ".join(f"{k} {v}" for k, v in p.items())
-                                   or ("the original's training recipe" if name == "retrain" else "its declared defaults"))
+    unset = {"retrain": "the original's training recipe"}  # an entry without params: what it runs with
+    settings = [f"- `{name}`: " + (", ".join(f"{k} {v}" for k, v in p.items()) or unset.get(name, "its declared defaults"))
                 for name, p in params.items()]
     grid_lines = [f"![grid_{name}](diffusion/grid_{name}.png)" for name in methods if (grids / f"grid_{name}.png").is_file()]
     lines = [

@@ -162,7 +162,8 @@ def write_report(args: argparse.Namespace, rows: list[dict], wall: float) -> Non
         "# Ray Tune: searched params vs defaults (synthetic dataset)",
         "",
         f"Produced by `benchmarks/tune.py`; {_stdlib_platform.machine()}, {os.cpu_count()}-core CPU "
-        f"(5-minute load average at the end: {os.getloadavg()[1]:.1f}), in-process trials (1 CPU each, {args.max_concurrent} at a time). "
+        f"(5-minute load average at the end: {os.getloadavg()[1]:.1f}), "
+        f"in-process trials (1 CPU each, {args.max_concurrent} at a time). "
         f"Total wall time {wall / 60:.1f} min.",
         "",
         f"Setup, kept small for 2 cores: synthetic {args.num_train} train / {args.num_test} test images of "

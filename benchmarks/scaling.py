@@ -16,7 +16,6 @@ The machine's load average is recorded with the figures: on a shared machine the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform as std_platform
 import sys

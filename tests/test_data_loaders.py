@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -248,9 +247,7 @@ def test_parquet_bad_inputs_are_one_line(tmp_path):
 
 
 def test_synthetic_deterministic_balanced_two_levels(tmp_path):
-    t0 = time.perf_counter()
     a = synthetic.load_synthetic(200, 100, 32, seed=0, cache_dir=None)
-    assert time.perf_counter() - t0 < 5.0
     b = synthetic.load_synthetic(200, 100, 32, seed=0, cache_dir=None)
     c = synthetic.load_synthetic(200, 100, 32, seed=1, cache_dir=None)
     np.testing.assert_array_equal(a.x_train, b.x_train)

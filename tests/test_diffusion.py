@@ -22,7 +22,7 @@ from unlearn.evaluation.diffusion import frechet_distance, gaussian_stats
 from unlearn.methods.base import Batch
 from unlearn.models import build_model
 from unlearn.models.ddpm import diffusion_loss, pseudo_label_loss, sample
-from unlearn.spec import ModelSpec
+from unlearn.spec import DDPMSpec
 
 SFR_ON = {"optimizer": "adam", "lr": 1.0e-3, "weight_decay": 0.0, "clip_grad": 1.0, "steps": 40,
           "forget_every": 1, "forget_weight": 3.0, "batch_size": 64}
@@ -48,8 +48,7 @@ def tiny_spec(cache_dir: Path, **changes) -> dict:
 
 def tiny_model(cond_dropout: float = 0.1) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(ModelSpec(name="ddpm", channels=[16, 32], train_timesteps=200, cond_dropout=cond_dropout),
-                       10, (1, 8, 8))
+    return build_model(DDPMSpec(channels=[16, 32], train_timesteps=200, cond_dropout=cond_dropout), 10, (1, 8, 8))
 
 
 def digits_batch(n: int = 6) -> Batch:
@@ -182,14 +181,21 @@ def test_sfr_on_makes_the_forgotten_class_fall_while_the_original_draws_it(tiny_
     assert sfr_on["FA"] <= original["FA"] - 40.0
 
 
-def test_the_second_run_reuses_the_cached_original_and_judge(tiny_job, tmp_path):
-    from unlearn.job import prepare
-    from unlearn.training import original_key
+def test_the_second_run_reuses_the_cached_original_and_judge(tiny_job, monkeypatch):
+    """A second run of the same job trains neither again: it reports the original as cached, and every cached
+    model is the very file the first run wrote (a retrained one would be saved to a new file, then renamed)."""
+    from unlearn.job import run_job
 
-    work, spec, _ = tiny_job
-    prep = prepare(spec)
-    assert (Path(spec.cache_dir) / "models" / f"{original_key(spec, prep.splits)}.pt").is_file()
-    assert len(list((Path(spec.cache_dir) / "judges").glob("*.pt"))) == 1
+    work, spec, first = tiny_job
+    cache = Path(spec.cache_dir)
+    cached = sorted(cache.rglob("*.pt"))
+    assert first["original_cached"] is False and len(list((cache / "judges").glob("*.pt"))) == 1 and len(cached) >= 2
+    before = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in cached}
+    monkeypatch.chdir(work)
+    second = run_job(spec, work / "second")
+    assert second["original_cached"] is True
+    assert sorted(cache.rglob("*.pt")) == cached
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in cached} == before
 
 
 @pytest.mark.ray

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import mlflow.artifacts
 import mlflow.pytorch
-import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient

@@ -19,6 +19,7 @@ from torch import nn
 import unlearn.methods as methods
 from unlearn.data.digits import load_digits_dataset
 from unlearn.data.scenarios import make_splits
+from unlearn.errors import SpecError
 from unlearn.evaluation.metrics import accuracy
 from unlearn.execution import LocalExecutor, RunRequest, new_model
 from unlearn.methods.base import Batch, Context, build_optimizer, grads_of
@@ -30,7 +31,7 @@ from unlearn.methods.sfr_on import adaptive_weights
 from unlearn.methods.tarf import drop_top_scores
 from unlearn.methods.whole_set import fisher_diagonal, flatten, mean_gradient
 from unlearn.params import MethodParams, bounds, field_doc
-from unlearn.spec import ForgetSpec, ModelSpec
+from unlearn.spec import ForgetSpec, MLPSpec
 from unlearn.tasks import classification_loss
 from unlearn.training import empty_split
 
@@ -234,8 +235,9 @@ def test_cure_refuses_to_mask_every_class():
     model = tiny_model()
     forget = [Batch(torch.randn(NUM_CLASSES, FEATURES), torch.arange(NUM_CLASSES), torch.arange(NUM_CLASSES))]
     method = methods.build("gsr", {})
-    with pytest.raises(Exception, match="every class"):
+    with pytest.raises(SpecError, match=r"^params\.mask_classes: every class would be masked") as refused:
         method.setup(make_ctx(method, model, frozen(model), forget, forget))
+    assert refused.value.field == "params.mask_classes"
 
 
 # --- SFR-on ---------------------------------------------------------------------------------------
@@ -521,7 +523,7 @@ def digits_original(one_thread):
     """Digits, class-3 forgetting, and an MLP [64] trained 15 epochs on all training data (once)."""
     ds = load_digits_dataset(0.25, 0)
     splits = make_splits(ds, ForgetSpec(kind="class", classes=[3]), 0)
-    model_spec = ModelSpec(name="mlp", hidden=[64])
+    model_spec = MLPSpec(hidden=[64])
 
     def request(method: str, params: dict, state, forget, retain) -> RunRequest:
         return RunRequest(label=method, method=method, params=params, model=model_spec,

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from unlearn import cli
+from unlearn import spec as spec_mod
 
 GOOD = {
     "name": "bad-input",
@@ -158,8 +158,11 @@ def test_bad_override(tmp_path, capsys):
 
 
 def test_override_applies_and_validates(tmp_path, capsys):
+    overrides = ["ray.num_workers=3", "methods.0.params.lr=0.5", "model.hidden=[8, 4]"]
+    applied = spec_mod.load(_write(tmp_path, GOOD), overrides)
+    assert applied.ray.num_workers == 3 and applied.methods[0].params == {"lr": 0.5} and applied.model.hidden == [8, 4]
     line = _bad(tmp_path, capsys, GOOD, "--set", "ray.num_workers=0")
-    assert "ray.num_workers" in line
+    assert "ray.num_workers" in line and "(got 0)" in line  # the overridden value is the one validated
 
 
 def test_console_script_exit_code(tmp_path):

@@ -7,7 +7,7 @@ so a run on N workers computes what a run on one computes. `LocalComm` is the on
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ class Comm(Protocol):
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor: ...
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor: ...
+    def broadcast_object(self, value: Any, src: int = 0) -> Any: ...
     def barrier(self) -> None: ...
 
 
@@ -37,6 +38,9 @@ class LocalComm:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         return tensor
+
+    def broadcast_object(self, value: Any, src: int = 0) -> Any:
+        return value
 
     def barrier(self) -> None:
         return None
@@ -72,6 +76,12 @@ class TorchDistComm:
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(tensor, src=src)
         return tensor
+
+    def broadcast_object(self, value: Any, src: int = 0) -> Any:
+        """Rank `src`'s picklable `value` on every rank (which run to do next, a decision)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
 
     def barrier(self) -> None:
         dist.barrier()

@@ -1,14 +1,15 @@
-"""Where a method run executes: the request/result pair and the in-process executor.
+"""What one run is (the request and its output) and how it executes, wherever it runs.
 
-The runner builds a `RunRequest` per method (what to run, on which data, from which weights) and
-hands it to an executor: `LocalExecutor` here (one process), `RayExecutor` in engine.py (Ray Train
-workers). Both call `execute`, which builds the model, context and streams and runs the loop, so
-the maths is identical wherever it runs.
+The job builds a `RunRequest` per queue item (the original model's training when it is not cached, retrain,
+every method) and hands the queue to an executor: `LocalExecutor` here (one process), `RayExecutor` in
+engine.py (Ray Train worker groups). Both run every item through `worker.serve`, which calls `execute`
+(model, context, streams, the step loop), so the maths is identical wherever it runs.
 """
 
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -19,44 +20,75 @@ from torch import nn
 from unlearn import loop
 from unlearn.comm import Comm, LocalComm
 from unlearn.data.scenarios import Split
-from unlearn.methods import build as build_method
-from unlearn.methods.base import Context
+from unlearn.methods import get as method_class
+from unlearn.methods.base import Context, Method
 from unlearn.models import build_model, reinitialise
+from unlearn.params import MethodParams
 from unlearn.spec import ModelSpec
 from unlearn.tasks import loss_for, relabel_for
 
 
 @dataclass
 class RunRequest:
+    """One queue item. `params` is the method's validated parameter object (a dict is validated once, here)."""
+
     label: str  # run name (method name or its label)
     method: str  # registry name
-    params: dict[str, Any]
+    params: MethodParams | dict[str, Any]
     model: ModelSpec | None  # None only when `execute` is handed a ready module
     num_outputs: int
     input_shape: tuple[int, ...]
-    initial_state: dict[str, torch.Tensor] | None  # weights to start from (None: fresh init)
+    initial_state: dict[str, torch.Tensor] | None  # weights to start from (None: the job's base, else a fresh init)
     forget: Split
     retain: Split  # the method's retain stream
     task: str = "classification"
     seed: int = 0
+    role: str = "method"  # "original": trains the base model every other run of the job starts from
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.params, MethodParams):
+            from unlearn.methods import build
+
+            self.params = build(self.method, self.params).params
+
+    @property
+    def method_class(self) -> type[Method]:
+        return method_class(self.method)
 
 
 @dataclass
 class RunOutput:
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] | None
     seconds: float  # wall-clock of the unlearning itself (setup + steps), without start-up
     history: list[dict[str, float]] = field(default_factory=list)
     wall_seconds: float = 0.0  # including executor start-up (Ray workers, data)
     resumed_from_step: int = 0  # >0 when a restarted run resumed from a checkpoint
     restarts: int = 0
+    metrics: dict[str, float] | None = None  # worker-side evaluation (None when the job evaluates nothing)
+    outputs: Any = None  # what the comparison with retrain needs (test-set outputs)
+    captured: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+    error: dict[str, str] | None = None  # a run that failed: {"error": type, "message": line}
+    starts: int = 1  # how often the run was started (restarts included)
+
+
+@dataclass
+class Executed:
+    """What `execute` leaves behind: the unwrapped and wrapped model, the method object and the loop's result."""
+
+    module: nn.Module
+    model: nn.Module
+    method: Method
+    result: loop.LoopResult
 
 
 class Executor(Protocol):
+    def run_queue(self, job: Any, on_result: Callable[[int, RunOutput], None]) -> dict[str, Any]: ...
     def run(self, request: RunRequest) -> RunOutput: ...
 
 
 def new_model(request: RunRequest) -> nn.Module:
-    """The request's model with its starting weights (or re-initialised from the seed)."""
+    """The request's model with its starting weights (or initialised from the seed)."""
     torch.manual_seed(request.seed)
     model = build_model(request.model, request.num_outputs, request.input_shape)
     if request.initial_state is not None:
@@ -67,7 +99,7 @@ def new_model(request: RunRequest) -> nn.Module:
 def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, comm: Comm | None = None,
             device: torch.device | str = "cpu", wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
             on_epoch: Callable[..., None] | None = None, resume: dict[str, Any] | None = None,
-            verbose: bool = True, module: nn.Module | None = None) -> tuple[nn.Module, loop.LoopResult]:
+            verbose: bool = True, module: nn.Module | None = None) -> Executed:
     """Build model, optimizer and context for a request and run the step loop.
 
     `wrap` is the engine's hook (DDP/FSDP); `resume` is a checkpoint dict
@@ -75,7 +107,7 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
     model the request would build (callers that already hold one).
     """
     device = torch.device(device)
-    method = build_method(request.method, request.params)
+    method = request.method_class(request.params)
     module = module if module is not None else new_model(request)
     original = copy.deepcopy(module).to(device).eval()
     for p in original.parameters():
@@ -106,21 +138,59 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
         resume_method_state=resume.get("method") if resume is not None else None)
     result = loop.run(method, ctx, forget, retain, start_step=start_step, label=request.label,
                       on_epoch=(lambda s: on_epoch(s, ctx, method)) if on_epoch else None, verbose=verbose)
-    return module, result
+    return Executed(module, model, method, result)
 
 
 class LocalExecutor:
-    """Runs every request in this process (CPU or one GPU)."""
+    """Runs the job's queue in this process (CPU or one GPU), through the same worker code as Ray's groups."""
 
-    def __init__(self, device: str | None = None) -> None:
+    executor = "local"
+
+    def __init__(self, device: str | None = None, storage: str | None = None) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.storage = storage
+
+    def run_queue(self, job: Any, on_result: Callable[[int, RunOutput], None]) -> dict[str, Any]:
+        """Every item in order; `on_result(index, output)` as each finishes. Returns the engine summary."""
+        from unlearn.comm import LocalComm
+        from unlearn.worker import RunQueue, WorkerEnv, read_result, serve
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="unlearn-local-") as tmp:
+            if not job.storage:
+                job.storage = self.storage or tmp
+            queue = RunQueue([{"label": r.label, "role": r.role} for r in job.requests],
+                             base_ready=job.base_state is not None)
+
+            def call(q: RunQueue, name: str, *args: Any) -> Any:
+                value = getattr(q, name)(*args)
+                if name in ("done", "failed"):  # deliver at once: the driver writes MLflow as runs finish
+                    for index, record in q.take_finished():
+                        on_result(index, output_from_record(job.requests[index], record, read_result))
+                return value
+
+            serve(job, queue, WorkerEnv(comm=LocalComm(), device=self.device, call=call))
+        return {"executor": "local", "worker_groups": 1, "train_runs": 0,
+                "wall_seconds": time.perf_counter() - t0}
 
     def run(self, request: RunRequest, module: nn.Module | None = None, verbose: bool = True) -> RunOutput:
+        """One request on its own (no queue, no evaluation): benchmarks, helper fits, tests."""
         t0 = time.perf_counter()
-        batch = build_method(request.method, request.params).params.batch_size
-        streams = [loop.ArrayStream(s.x, s.y, batch, seed=request.seed + k, device=self.device, index=s.index)
+        batch = request.params.batch_size
+        streams = [loop.array_stream(s.x, s.y, batch, seed=request.seed + k, device=self.device, index=s.index)
                    for k, s in enumerate((request.forget, request.retain))]
-        module, result = execute(request, *streams, device=self.device, module=module, verbose=verbose)
-        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        return RunOutput(state=state, seconds=result.seconds, history=result.history,
-                         wall_seconds=time.perf_counter() - t0)
+        run = execute(request, *streams, device=self.device, module=module, verbose=verbose)
+        state = {k: v.detach().cpu() for k, v in run.module.state_dict().items()}
+        return RunOutput(state=state, seconds=run.result.seconds, history=run.result.history,
+                         wall_seconds=time.perf_counter() - t0, label=request.label)
+
+
+def output_from_record(request: RunRequest, record: dict[str, Any], read: Callable[[str], dict]) -> RunOutput:
+    """The driver's view of a finished queue item: its result file read back, or its error."""
+    if "error" in record:
+        return RunOutput(state=None, seconds=0.0, label=request.label, error=record["error"])
+    data = read(record["path"])
+    return RunOutput(state=data["state"], seconds=data["seconds"], history=data["history"], metrics=data["metrics"],
+                     outputs=data["outputs"], captured=data["captured"], label=request.label,
+                     resumed_from_step=data["resumed_from_step"], starts=record.get("starts", 1),
+                     restarts=record.get("restarts", 0))

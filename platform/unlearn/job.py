@@ -1,34 +1,35 @@
 """One unlearning job, end to end: data, original model, every method, evaluation, tracking, results.
 
-The job never names a method: it builds a `RunRequest` per spec entry and hands it to an executor
-(in-process, or Ray Train workers via engine.py). Retrain, when listed, runs first: it is the
-reference every Gap and KL is measured against.
+Reads straight down: data and splits (labels only), the queue of runs (the original's training when it
+is not cached, the reference first, then every method), the executor runs the queue (in this process, or
+on Ray Train worker groups via engine.py) and hands back each run as it finishes, when its MLflow run is
+written; Gap and KL against the reference are computed at the end. The job never names a method.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from unlearn import plots
-from unlearn.data import ImageDataset, load_dataset
+from unlearn.atomic import write_json_atomic
+from unlearn.data import load_dataset
 from unlearn.data.scenarios import Splits, make_splits
 from unlearn.errors import BadInput, SpecError
 from unlearn.evaluation import build_evaluator
-from unlearn.execution import Executor, LocalExecutor, RunRequest, new_model
+from unlearn.execution import Executor, LocalExecutor, RunOutput, RunRequest, new_model
 from unlearn.methods import Method, validate_methods
 from unlearn.spec import JobSpec, MethodSpec, dump
 from unlearn.tasks import task_of
 from unlearn.tracking import flatten, make_tracker
-from unlearn.training import original_model, recipe_params
+from unlearn.training import cached_original, original_request, recipe_params, save_original
+from unlearn.worker import GroupJob
 
 TABLE_COLUMNS = ("FA", "RA", "TA", "MIA", "gap", "KL", "FD", "seconds", "speedup")
 
@@ -40,26 +41,32 @@ class Prepared:
     spec: JobSpec
     task: str
     methods: list[Method]
-    dataset: ImageDataset
+    dataset: Any  # the Parquet row store (or an in-memory ImageDataset)
     splits: Splits
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.splits.train.x.shape[1:])
+    input_shape: tuple[int, ...]
 
 
 def prepare(spec: JobSpec) -> Prepared:
     """Validate methods against the registry and build data and splits (BadInput on any problem)."""
     task = task_of(spec.model.name)
     methods = validate_methods(spec.methods, task)
-    dataset = load_dataset(spec.dataset, spec.seed, spec.cache_dir)
+    dataset = open_dataset(spec)
     splits = make_splits(dataset, spec.forget, spec.seed)
     for i, method in enumerate(methods):  # e.g. CURE needs classes outside the forget set
         try:
             method.check_data(splits.forget.y, splits.num_outputs)
         except SpecError as err:
             raise SpecError(f"methods.{i}.{err.field}", str(err).split(": ", 1)[-1]) from None
-    return Prepared(spec, task, methods, dataset, splits)
+    return Prepared(spec, task, methods, dataset, splits, tuple(dataset.input_shape))
+
+
+def open_dataset(spec: JobSpec) -> Any:
+    """The job's data as a Parquet row store (built once into the cache): the driver reads labels only."""
+    try:
+        from unlearn.data.store import open_store
+    except ImportError:  # a store-less install still runs, with the data in memory
+        return load_dataset(spec.dataset, spec.seed, spec.cache_dir)
+    return open_store(spec.dataset, spec.seed, spec.cache_dir)
 
 
 def check_writable(folder: Path) -> None:
@@ -72,57 +79,63 @@ def check_writable(folder: Path) -> None:
         raise BadInput(f"output folder is not writable: {folder} ({err.strerror or err})") from None
 
 
-def write_json_atomic(data: Any, path: Path) -> None:
-    """Write JSON through a temp file + rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else
+                round(float(v), 4) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def _clean(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else round(float(v), 4)) for k, v in metrics.items()}
-
-
-def make_executor(spec: JobSpec) -> Executor:
-    """Ray Train workers when `ray.enabled`, else this process."""
+def make_executor(spec: JobSpec, out_dir: Path | None = None) -> Executor:
+    """Ray Train worker groups when `ray.enabled`, else this process."""
     if spec.ray.enabled:
-        from unlearn.engine import RayExecutor
+        from unlearn.engine import RayExecutor, storage_for
 
-        return RayExecutor(spec.ray, seed=spec.seed)
+        return RayExecutor(spec.ray, seed=spec.seed, storage=storage_for(out_dir, spec.ray) if out_dir else None)
     return LocalExecutor("cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def request_for(prep: Prepared, entry: MethodSpec, state: dict[str, torch.Tensor]) -> RunRequest:
-    """The run of one spec entry: retrain gets the train recipe and the retain set, others the remain stream."""
+def request_for(prep: Prepared, entry: MethodSpec, state: dict[str, torch.Tensor] | None,
+                method: Method | None = None) -> RunRequest:
+    """The run of one spec entry: the reference gets the train recipe and the retain set, others the remain stream."""
+    from unlearn.methods import get
+
     spec, splits = prep.spec, prep.splits
-    if entry.name == "retrain":
-        params, retain = {**recipe_params(spec.train), **entry.params}, splits.retain
+    method = method or next((m for m, e in zip(prep.methods, spec.methods) if e is entry), None)
+    cls = get(entry.name)
+    if cls.reference:
+        params = cls.Params.model_validate({**recipe_params(spec.train), **entry.params})
+        retain = splits.retain
     else:
-        params, retain = dict(entry.params), splits.remain
+        params, retain = (method.params if method is not None else dict(entry.params)), splits.remain
     return RunRequest(label=entry.run_name, method=entry.name, params=params, model=spec.model,
                       num_outputs=splits.num_outputs, input_shape=prep.input_shape, initial_state=state,
                       forget=splits.forget, retain=retain, task=prep.task, seed=spec.seed)
 
 
+def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
+    """The job's runs in order (the original when not cached, the reference, the methods) and the cache info."""
+    spec, splits = prep.spec, prep.splits
+    base, info = cached_original(spec, splits)
+    first = [original_request(spec, splits, prep.input_shape, prep.task)]
+    if base is not None:  # the cached original is only evaluated
+        first[0] = replace(first[0], role="evaluate")
+    entries = sorted(zip(spec.methods, prep.methods), key=lambda pair: not pair[1].reference)
+    requests = first + [request_for(prep, entry, None, method) for entry, method in entries]
+    worker_side = prep.task == "classification"
+    eval_splits = {"target": splits.target, "retain": splits.retain, "test": splits.test} if worker_side else None
+    job = GroupJob(requests=requests, base_state=base, eval_splits=eval_splits, mia=spec.eval.mia, seed=spec.seed)
+    return job, info
+
+
 def format_table(methods: dict[str, dict[str, Any]]) -> str:
-    """The results as an aligned text table."""
+    """The results as an aligned text table (a failed run's row says why)."""
     cols = [c for c in TABLE_COLUMNS if any(m.get(c) is not None for m in methods.values())]
     header = ["method", *cols]
-    rows = [[name, *(_fmt(m.get(c)) for c in cols)] for name, m in methods.items()]
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    rows = [[name, *(_fmt(m.get(c)) for c in cols)] if "error" not in m else [name, f"FAILED: {m['error']}"]
+            for name, m in methods.items()]
+    widths = [max(len(str(r[i])) for r in [header, *rows] if i < len(r) and len(r) > 2) for i in range(len(header))]
     line = lambda r: "  ".join(str(v).rjust(w) if i else str(v).ljust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+    shown = [line(r) if len(r) > 2 else f"{r[0].ljust(widths[0])}  {r[1]}" for r in rows]
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *shown])
 
 
 def _fmt(v: Any) -> str:
@@ -131,83 +144,143 @@ def _fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+class Recorder:
+    """Writes each run's results and MLflow run as the executor hands it back (the driver's only job)."""
+
+    def __init__(self, prep: Prepared, job: GroupJob, tracker: Any, parent: str, info: dict[str, Any],
+                 out_dir: Path) -> None:
+        self.prep, self.job, self.tracker, self.parent, self.info = prep, job, tracker, parent, info
+        self.results: dict[str, dict[str, Any]] = {}
+        self.outputs: dict[str, Any] = {}
+        self.run_ids: dict[str, str] = {}
+        self.engine_rows: dict[str, dict[str, Any]] = {}
+        self.driver_evaluator = None
+        if job.eval_splits is None:  # tasks evaluated on the driver (diffusion: generated samples and a judge)
+            self.driver_evaluator = build_evaluator(prep.task, prep.splits, prep.spec, prep.dataset)
+            self.driver_evaluator.out_dir = out_dir
+
+    def __call__(self, index: int, out: RunOutput) -> None:
+        request = self.job.requests[index]
+        if request.role == "original" and out.error is None:
+            save_original(self.info, out.state)
+        model = None
+        if out.error is None:
+            state = out.state if out.state is not None else self.job.base_state  # "evaluate": the cached original
+            model = new_model(replace(request, initial_state=state))
+            metrics, outputs = (out.metrics, out.outputs) if self.driver_evaluator is None \
+                else self.driver_evaluator.evaluate(model)
+        if request.role in ("original", "evaluate"):
+            if out.error is not None:
+                raise RuntimeError(f"the original model could not be trained: {out.error['message']}")
+            self.results["original"] = {**metrics, "seconds": 0.0}
+            self.outputs["original"] = outputs
+            self._artifacts(self.parent, model, "original", None)
+            return
+        run_id = self.tracker.start(request.label, parent=self.parent, tags={"unlearn.method": request.method})
+        self.run_ids[request.label] = run_id
+        self.tracker.params(run_id, {"method": request.method, **flatten(request.params.model_dump(mode="json"), "params.")})
+        self.engine_rows[request.label] = {"starts": out.starts, "resumed_from_step": out.resumed_from_step}
+        if out.error is not None:
+            self.results[request.label] = {"error": f"{out.error['error']}: {out.error['message']}"}
+            self.tracker.tag(run_id, "unlearn.error", self.results[request.label]["error"][:5000])
+            self.tracker.end(run_id, "FAILED")
+            print(f"  [{request.label}] FAILED: {self.results[request.label]['error']}", file=sys.stderr, flush=True)
+            return
+        self.results[request.label] = {**metrics, "seconds": out.seconds}
+        self.outputs[request.label] = outputs
+        self.tracker.history(run_id, out.history)
+        self.tracker.metrics(run_id, metrics | {"seconds": out.seconds})
+        if out.resumed_from_step:
+            self.tracker.tag(run_id, "unlearn.resumed_from_step", str(out.resumed_from_step))
+            self.tracker.metrics(run_id, {"restarts": out.restarts})
+        self._artifacts(run_id, model, request.label, out.history)
+        self.tracker.model(run_id, model)
+        self.tracker.end(run_id, "FINISHED")
+
+    def _artifacts(self, run_id: str, model: torch.nn.Module, name: str, history: list | None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            if history:
+                self.tracker.artifact(run_id, plots.loss_curves(history, Path(tmp) / "losses.png", name))
+            if self.driver_evaluator is not None:  # diffusion: its sample grid
+                for path in self.driver_evaluator.artifacts(model, name, Path(tmp)):
+                    self.tracker.artifact(run_id, path)
+
+    def compare(self, reference: str | None) -> None:
+        """Gap and KL against the reference, and speed-ups, once every run is in."""
+        evaluator = self.driver_evaluator
+        ok = {name: m for name, m in self.results.items() if "error" not in m}
+        ref = ok.get(reference) if reference else None
+        for name, m in ok.items():
+            if ref is not None:
+                compare = evaluator.compare if evaluator is not None else _versus_reference
+                m.update(compare(m, self.outputs[name], ref, self.outputs[reference]))
+            if ref is not None and name not in ("original", reference) and m["seconds"] > 0:
+                m["speedup"] = ref["seconds"] / m["seconds"]
+        for name, run_id in self.run_ids.items():
+            if name in ok:
+                self.tracker.metrics(run_id, {k: v for k, v in ok[name].items() if k in ("gap", "KL", "speedup")})
+
+
+def _versus_reference(metrics: dict, out: Any, ref_metrics: dict, ref_out: Any) -> dict[str, float]:
+    from unlearn.evaluation import versus_reference
+
+    return versus_reference(metrics, out, ref_metrics, ref_out)
+
+
 def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | None = None) -> dict[str, Any]:
-    """Run a whole job; writes results.json in `out_dir` and returns its content."""
+    """Run a whole job; writes results.json in `out_dir` and returns its content (`failed` lists failed runs)."""
     out_dir = Path(out_dir or Path("results") / spec.name)
     check_writable(out_dir)
     prep = prepare(spec)
     tracker = make_tracker(spec.tracking, spec.name)
-    executor = executor or make_executor(spec)
-    evaluator = build_evaluator(prep.task, prep.splits, spec, prep.dataset)
-    evaluator.out_dir = out_dir  # an evaluator may add files beside results.json (diffusion: grid_<name>.png)
+    job, info = build_queue(prep)
     splits = prep.splits
     print(f"job {spec.name}: {spec.dataset.name} / {spec.model.name}, forget {splits.describe}, "
-          f"sizes {splits.sizes()}", file=sys.stderr, flush=True)
-
-    with tracker.run(spec.name, tags={"unlearn.kind": "job"}) as parent:
-        tracker.params(parent, flatten(spec.model_dump(mode="json")))
-        tracker.text(parent, dump(spec), "spec.yaml")
-        state, info = original_model(spec, splits, prep.input_shape, executor, prep.task)
-        model = new_model(request_for(prep, MethodSpec(name="original"), state))
-        metrics, ref_out = evaluator.evaluate(model)
-        with tempfile.TemporaryDirectory() as tmp:  # the original's artifacts go on the job run (diffusion: its grid)
-            for path in evaluator.artifacts(model, "original", Path(tmp)):
-                tracker.artifact(parent, path)
-        results: dict[str, dict[str, Any]] = {"original": {**metrics, "seconds": 0.0}}
-        outputs = {"original": ref_out}
-        run_ids: dict[str, str] = {}
-        order = sorted(spec.methods, key=lambda m: m.name != "retrain")  # retrain first: the reference
-        for entry in order:
-            with tracker.run(entry.run_name, parent=parent, tags={"unlearn.method": entry.name}) as run_id:
-                run_ids[entry.run_name] = run_id
-                request = request_for(prep, entry, state)
-                tracker.params(run_id, {"method": entry.name, **flatten(request.params, "params.")})
-                out = executor.run(request)
-                model = new_model(request)
-                model.load_state_dict(out.state)
-                metrics, model_out = evaluator.evaluate(model)
-                results[entry.run_name] = {**metrics, "seconds": out.seconds}
-                outputs[entry.run_name] = model_out
-                tracker.history(run_id, out.history)
-                tracker.metrics(run_id, {k: v for k, v in results[entry.run_name].items()})
-                if out.resumed_from_step:
-                    tracker.tag(run_id, "unlearn.resumed_from_step", str(out.resumed_from_step))
-                    tracker.metrics(run_id, {"restarts": out.restarts})
-                with tempfile.TemporaryDirectory() as tmp:
-                    if out.history:
-                        tracker.artifact(run_id, plots.loss_curves(out.history, Path(tmp) / "losses.png", entry.run_name))
-                    for path in evaluator.artifacts(model, entry.run_name, Path(tmp)):
-                        tracker.artifact(run_id, path)
-                tracker.model(run_id, model)
-
-        reference = next((m.run_name for m in spec.methods if m.name == "retrain"), None)
-        retrain_seconds = results[reference]["seconds"] if reference else None
-        for name, m in results.items():
-            if reference is not None:
-                m.update(evaluator.compare(m, outputs[name], results[reference], outputs[reference]))
-            if retrain_seconds and name not in ("original", reference) and m["seconds"] > 0:
-                m["speedup"] = retrain_seconds / m["seconds"]
-        for name, run_id in run_ids.items():
-            tracker.metrics(run_id, {k: v for k, v in results[name].items() if k in ("gap", "KL", "speedup")})
-        tracker.metrics(parent, {f"{name}.{k}": v for name, m in results.items() for k, v in m.items()})
-
-        payload = {
-            "job": spec.name,
-            "dataset": spec.dataset.name,
-            "model": spec.model.name,
-            "forget": splits.describe,
-            "label_level": splits.label_level,
-            "sizes": {k: v for k, v in splits.sizes().items() if k in ("forget", "retain", "test", "remain", "target")},
-            "original_cached": info["cached"],
-            "methods": {name: _clean(m) for name, m in results.items()},
-            "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
-                       "parent_run": parent or None, "runs": run_ids},
-        }
-        write_json_atomic(payload, out_dir / "results.json")
-        with tempfile.TemporaryDirectory() as tmp:
-            bars = plots.metric_bars(payload["methods"], Path(tmp) / "metrics.png", f"{spec.name}: metrics vs retrain")
-            tracker.artifact(parent, bars)
-            tracker.artifact(parent, out_dir / "results.json")
+          f"sizes {splits.sizes()}, {len(job.requests)} runs", file=sys.stderr, flush=True)
+    if not info["cached"]:
+        print(f"original model: training {spec.model.name} on {len(splits.train)} samples "
+              f"({spec.train.epochs} epochs), first in the queue", file=sys.stderr, flush=True)
+    own_executor = executor is None
+    executor = executor or make_executor(spec, out_dir)
+    try:
+        with tracker.run(spec.name, tags={"unlearn.kind": "job"}) as parent:
+            tracker.params(parent, flatten(spec.model_dump(mode="json")))
+            tracker.text(parent, dump(spec), "spec.yaml")
+            recorder = Recorder(prep, job, tracker, parent, info, out_dir)
+            engine = executor.run_queue(job, recorder)
+            reference = next((r.label for r in job.requests if r.role == "method" and r.method_class.reference), None)
+            recorder.compare(reference)
+            results = {"original": recorder.results.pop("original"), **recorder.results}
+            tracker.metrics(parent, {f"{name}.{k}": v for name, m in results.items() for k, v in m.items()
+                                     if isinstance(v, (int, float))})
+            failed = sorted(name for name, m in results.items() if "error" in m)
+            payload = {
+                "job": spec.name,
+                "dataset": spec.dataset.name,
+                "model": spec.model.name,
+                "forget": splits.describe,
+                "label_level": splits.label_level,
+                "sizes": {k: v for k, v in splits.sizes().items() if k in ("forget", "retain", "test", "remain", "target")},
+                "original_cached": info["cached"],
+                "methods": {name: _clean(m) for name, m in results.items()},
+                "engine": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in engine.items()}
+                | {"runs": recorder.engine_rows},
+                "failed": failed,
+                "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
+                           "parent_run": parent or None, "runs": recorder.run_ids},
+            }
+            write_json_atomic(payload, out_dir / "results.json")
+            with tempfile.TemporaryDirectory() as tmp:
+                shown = {n: m for n, m in payload["methods"].items() if "error" not in m}
+                bars = plots.metric_bars(shown, Path(tmp) / "metrics.png", f"{spec.name}: metrics vs retrain")
+                tracker.artifact(parent, bars)
+                tracker.artifact(parent, out_dir / "results.json")
+    finally:
+        if own_executor and hasattr(executor, "close"):
+            executor.close()
     print(format_table(payload["methods"]), flush=True)
+    print(f"engine: {engine['executor']}, {engine['worker_groups']} worker group(s), {engine['train_runs']} Train "
+          f"run(s), {engine['wall_seconds']:.1f}s" + (" (groups shared CPUs: their seconds include waiting for a "
+                                                      "core)" if engine.get("groups_shared_cpus") else ""), flush=True)
     print(f"results: {out_dir / 'results.json'}", flush=True)
     return payload

@@ -3,8 +3,9 @@
 It reads like a plain PyTorch loop: set up the method, then for each step draw a forget batch and a
 retain batch (only the streams the method uses), call `method.step`, check the losses are finite,
 advance the LR schedule, and hand an epoch summary to `on_epoch` (the Ray engine reports and
-checkpoints there). Batch sizes are global: each of N workers draws batch_size / N rows, so N
-workers take the same number of steps as one and DDP's averaged gradient is the full batch's.
+checkpoints there). Batch sizes are global: each of N workers takes its slice of the same global batch
+(shards.py), so N workers take the very steps one process takes and DDP's averaged gradient is the full
+batch's.
 """
 
 from __future__ import annotations
@@ -32,44 +33,20 @@ class Stream(Protocol):
     def one_pass(self) -> Iterator[Batch]: ...  # this worker's shard once, in order
 
 
-class ArrayStream:
-    """Batches from in-memory arrays; shard `rank` of `world` (contiguous rows after a seeded shuffle).
+def array_stream(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, rank: int = 0, world: int = 1,
+                 device: torch.device | str = "cpu", index: np.ndarray | None = None) -> Stream:
+    """A stream over in-memory arrays (worker `rank` of `world`): the engine's `ShareStream`, all rows read."""
+    from unlearn.data.scenarios import ArrayRows
+    from unlearn.shards import RowCache, ShareStream
 
-    A split smaller than the worker count is replicated (rows repeat round-robin) so every worker
-    draws real data each step: DDP needs every worker to take every step.
-    """
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, rank: int = 0,
-                 world: int = 1, device: torch.device | str = "cpu", index: np.ndarray | None = None) -> None:
-        self.size = len(y)
-        self.batch_size = max(1, math.ceil(batch_size / world))
-        order = np.random.default_rng(seed).permutation(self.size) if self.size else np.arange(0)
-        if 0 < self.size < world:
-            order = np.resize(order, world)
-        mine = order[rank::world]
-        self.x = torch.from_numpy(np.ascontiguousarray(x[mine]))
-        self.y = torch.from_numpy(np.ascontiguousarray(y[mine]))
-        self.index = torch.from_numpy(np.asarray(index if index is not None else np.arange(self.size))[mine])
-        self.seed, self.rank, self.device = seed, rank, torch.device(device)
-
-    def _batch(self, rows: torch.Tensor) -> Batch:
-        return Batch(self.x[rows].to(self.device), self.y[rows].to(self.device), self.index[rows].to(self.device))
-
-    def batches(self) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(self.seed * 1000 + self.rank)
-        n = len(self.y)
-        if n == 0:
-            return
-        pending = torch.empty(0, dtype=torch.long)
-        while True:
-            while len(pending) < self.batch_size:  # wrap into the next shuffled pass: every batch is full
-                pending = torch.cat([pending, torch.randperm(n, generator=gen)])
-            rows, pending = pending[: self.batch_size], pending[self.batch_size:]
-            yield self._batch(rows)
-
-    def one_pass(self) -> Iterator[Batch]:
-        for start in range(0, len(self.y), self.batch_size):
-            yield self._batch(torch.arange(start, min(start + self.batch_size, len(self.y))))
+    index = np.arange(len(y)) if index is None else np.asarray(index)
+    positions = np.arange(len(y))
+    cache = RowCache(ArrayRows(x), positions)
+    cache.ensure(positions)
+    stream = ShareStream(ArrayRows(x), positions, y, batch_size=batch_size, world=world, rank=rank, seed=seed,
+                         device=device, cache=cache)
+    stream.row_ids = index.astype(np.int64)  # batches carry the split's own row ids
+    return stream
 
 
 def total_steps(method: Method, forget_size: int, retain_size: int) -> int:

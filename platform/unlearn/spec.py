@@ -1,27 +1,82 @@
 """The job spec: one YAML per experiment, validated before any work starts.
 
-The schema follows ARCHITECTURE.md. Method parameters are checked against each method's declared
-parameter model by `unlearn.methods.validate_methods` (this module must not import torch or ray).
+The schema follows ARCHITECTURE.md. Every `name:` is resolved by a registry of its axis (`Registry`):
+dataset names in `DATASET_KINDS`, model sections in `MODEL_SPECS` (one spec class per family, the `model`
+section a union keyed on `name`). Method parameters are checked against each method's declared parameter
+model by `unlearn.methods.validate_methods` (this module must not import torch or ray).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from unlearn.errors import BadInput, SpecError
+
+T = TypeVar("T")
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Registry(dict[str, T]):
+    """The entries of one axis (datasets, models, tasks, evaluators) under the names a spec gives them.
+
+    Every axis is a dict filled by one `register` line per entry; `lookup` of a name nobody registered is a
+    spec error naming the field and the registered names (exit code 2).
+    """
+
+    def __init__(self, axis: str, field: str) -> None:
+        super().__init__()
+        self.axis, self.field = axis, field
+
+    def register(self, name: str, entry: T) -> T:
+        """Make `entry` available under `name` (a second entry under one name is a programming error)."""
+        if name in self:
+            raise ValueError(f"{self.axis} {name!r} registered twice")
+        self[name] = entry
+        return entry
+
+    def lookup(self, name: str) -> T:
+        """The entry registered under `name`."""
+        if name not in self:
+            raise SpecError(self.field, self.unknown(name))
+        return self[name]
+
+    def choices(self) -> str:
+        """The registered names, as error messages list them."""
+        return ", ".join(repr(n) for n in sorted(self))
+
+    def unknown(self, name: object) -> str:
+        """The message for a name that is not registered."""
+        return f"unknown {self.axis} {name!r}; registered: {self.choices()}"
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """What a spec must give for one dataset beyond its name."""
+
+    needs_root: bool = False  # reads local files: `dataset.root` is required
+
+
+# The datasets a spec may name. Their loaders are registered under the same names in `unlearn.data`
+# (this module must stay free of torch and the loaders' libraries).
+DATASET_KINDS: Registry[DatasetKind] = Registry("dataset", "dataset.name")
+DATASET_KINDS.register("digits", DatasetKind())
+DATASET_KINDS.register("cifar10", DatasetKind(needs_root=True))
+DATASET_KINDS.register("cifar100", DatasetKind(needs_root=True))
+DATASET_KINDS.register("parquet", DatasetKind(needs_root=True))
+DATASET_KINDS.register("synthetic", DatasetKind())
+
+
 class DatasetSpec(Strict):
-    name: Literal["digits", "cifar10", "cifar100", "parquet", "synthetic"]
+    name: str  # a name in DATASET_KINDS
     root: str | None = None  # folder (cifar10/cifar100) or file/folder (parquet)
     test_fraction: float = Field(0.25, gt=0, lt=1)  # datasets without an official test split
     # synthetic only: sizes and resolution (defaults: the cnn trains in a few minutes on 2 cores)
@@ -35,24 +90,75 @@ class DatasetSpec(Strict):
     # optional resize of every image (e.g. digits 8x8 -> 16x16 for diffusion models)
     resize: int | None = Field(None, ge=4, le=512)
 
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        DATASET_KINDS.lookup(name)  # a SpecError is no ValueError: pydantic lets it through as it is
+        return name
+
     @model_validator(mode="after")
     def _root_needed(self) -> "DatasetSpec":
-        if self.name in ("cifar10", "cifar100", "parquet") and not self.root:
+        if DATASET_KINDS[self.name].needs_root and not self.root:
             raise ValueError(f"dataset.root is required for dataset '{self.name}' (a local folder or file)")
         return self
 
 
-class ModelSpec(Strict):
-    name: Literal["mlp", "cnn", "resnet18", "ddpm"]
-    hidden: list[int] = Field(default_factory=lambda: [256, 128])  # mlp
-    channels: list[int] = Field(default_factory=lambda: [32, 64, 128])  # cnn; ddpm block widths
+# --- model families: each its own section, chosen by `name` ----------------------------------------------
+# A family is a spec class here (its `name` a one-value Literal, registered by `@model_family`) and a builder
+# registered under the same name in `unlearn.models`, which also says the family's task.
+MODEL_SPECS: Registry[type[Strict]] = Registry("model", "model.name")
+Family = TypeVar("Family", bound=type[Strict])
+
+
+def model_family(cls: Family) -> Family:
+    """Class decorator: a model section a spec may give, under the default of its `name` Literal."""
+    return MODEL_SPECS.register(cls.model_fields["name"].default, cls)
+
+
+@model_family
+class MLPSpec(Strict):
+    """Flattened image -> hidden ReLU layers -> logits."""
+
+    name: Literal["mlp"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [256, 128])
     dropout: float = Field(0.0, ge=0, lt=1)
-    # ddpm only
+
+
+@model_family
+class CNNSpec(Strict):
+    """Conv-BN-ReLU blocks (one per width, halving the resolution above 4 px), global pool, linear."""
+
+    name: Literal["cnn"] = "cnn"
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+@model_family
+class ResNet18Spec(Strict):
+    """torchvision's ResNet-18 with a small-image stem; its architecture is fixed, so only the name."""
+
+    name: Literal["resnet18"] = "resnet18"
+
+
+@model_family
+class DDPMSpec(Strict):
+    """Class-conditional DDPM: a UNet of `channels` block widths and its noise schedule."""
+
+    name: Literal["ddpm"] = "ddpm"
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128])  # UNet block widths
     layers_per_block: int = Field(1, ge=1, le=4)
+    dropout: float = Field(0.0, ge=0, lt=1)
     train_timesteps: int = Field(1000, ge=10, le=4000)
     sample_steps: int = Field(50, ge=5, le=1000)  # DDIM steps at evaluation
     guidance_scale: float = Field(1.0, ge=0, le=20)  # classifier-free guidance (1: off)
     cond_dropout: float = Field(0.1, ge=0, lt=1)  # label dropout while training, enables guidance
+
+
+# The `model` section: whichever family its `name` says (every family is registered above this line).
+ModelSpec = Annotated[Union[tuple(MODEL_SPECS.values())], Field(discriminator="name")]
+
+# JobSpec fields whose value is a class chosen by its `name`, with the registry of those classes.
+_KEYED_BY_NAME: dict[str, Registry[type[Strict]]] = {"model": MODEL_SPECS}
 
 
 class OptimizerSpec(Strict):
@@ -109,8 +215,10 @@ class RaySpec(Strict):
     use_gpu: bool = False
     address: str | None = None  # null: start Ray locally
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    max_failures: int = Field(2, ge=0, le=100)
+    max_failures: int = Field(2, ge=0, le=100)  # group restarts after a lost worker (a failing method costs none)
     cpus_per_worker: float = Field(1.0, gt=0, le=256)
+    groups: int = Field(1, ge=1, le=1024)  # worker groups sharing the job's queue of runs (concurrent on a cluster)
+    storage: str | None = None  # results and checkpoints (shared storage for multi-node); null: <out>/engine
 
 
 class TrackingSpec(Strict):
@@ -168,14 +276,23 @@ class JobSpec(Strict):
 def _format_error(err: ValidationError) -> SpecError:
     """The first validation error as one line naming the field and what is allowed."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = [str(p) for p in first["loc"]]
     msg = first["msg"]
+    by_name = _KEYED_BY_NAME.get(loc[0]) if loc else None
+    if by_name is not None and first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        tag = first.get("ctx", {}).get("tag")
+        return SpecError(f"{loc[0]}.name", by_name.unknown(tag) if tag is not None else
+                         f"required; registered: {by_name.choices()}")
+    chosen = loc.pop(1) if by_name is not None and len(loc) > 1 else None  # pydantic puts the chosen name here
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+        if chosen is not None:
+            keys = [k for k in by_name[chosen].model_fields if k != "name"]
+            msg += f"; {chosen} takes: {', '.join(keys) or 'only name'}"
     elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):
         msg = f"{msg} (got {first['input']!r})"
     msg = msg.removeprefix("Value error, ")
-    return SpecError(loc, msg)
+    return SpecError(".".join(loc), msg)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

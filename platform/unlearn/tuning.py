@@ -48,19 +48,19 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, get_args
 
 import numpy as np
 import yaml
 from ray.train import UserCallback
 from ray.tune import Callback
 
-from unlearn.errors import BadInput, DivergedError, SpecError
+from unlearn.atomic import torch_save_atomic, write_text_atomic
+from unlearn.errors import BadInput, SpecError
 from unlearn.spec import JobSpec, MethodSpec, validate
 
 STATE_FILE = "tune-state.json"
@@ -317,7 +317,7 @@ def proxy_objective(metrics: dict[str, float], targets: ProxyTargets) -> float:
 class Shared:
     """What every trial needs, put once in the Ray object store."""
 
-    prep: Any  # job.Prepared without the dataset
+    prep: Any  # job.Prepared without the dataset images (splits are labels and row ids)
     state: dict  # the original model's weights
     method: str
     fixed: dict[str, Any]
@@ -329,17 +329,7 @@ class Shared:
     out_dir: str
     ray_spec: Any | None = None  # RaySpec for engine trials, None for in-process ones
     failure_value: float = PENALTY
-
-
-def evaluate_trial(shared: Shared, evaluator, module) -> dict[str, float]:
-    """FA/RA/TA/MIA, gap and KL vs retrain (NaN without a reference), and the proxy."""
-    metrics, out = evaluator.evaluate(module)
-    if shared.reference is not None:
-        metrics.update(evaluator.compare(metrics, out, *shared.reference))
-    else:
-        metrics.update(gap=float("nan"), KL=float("nan"))
-    metrics["proxy"] = proxy_objective(metrics, shared.targets)
-    return metrics
+    capture: tuple[str, ...] = ()  # method attributes a trial writes with its result (tests compare them)
 
 
 def report_index(epoch: int, epochs: int, reports: int) -> int:
@@ -347,27 +337,34 @@ def report_index(epoch: int, epochs: int, reports: int) -> int:
     return min(reports, epoch * reports // max(epochs, 1))
 
 
-class EpochReporter:
-    """`execute`'s on_epoch hook: evaluate and report at each due report point (rank 0 evaluates)."""
+class TrialReports:
+    """The engine's per-epoch hook in a trial: at each due report, evaluate (every worker its share) and
+    add gap/KL vs retrain and the proxy (rank 0), for Tune's scheduler."""
 
-    def __init__(self, shared: Shared, report: Callable[[dict[str, Any]], None], rank: int = 0) -> None:
-        from unlearn.evaluation import ClassificationEvaluator
+    def __init__(self, shared: Shared) -> None:
+        self.shared, self.done = shared, 0
 
-        self.shared, self.report, self.rank = shared, report, rank
-        self.evaluator = ClassificationEvaluator(shared.prep.splits, mia=shared.mia, seed=shared.seed)
-        self.done = 0
-
-    def __call__(self, summary, ctx, method) -> None:
+    def due(self, summary) -> bool:
         due = report_index(summary.epoch, summary.epochs, self.shared.reports)
         final = summary.step >= summary.total_steps
         if due <= self.done and not final:
-            return
+            return False
         self.done = due
-        metrics: dict[str, Any] = {"progress": summary.step / summary.total_steps, "final": final,
-                                   "seconds": summary.seconds, "diverged": False}
-        if self.rank == 0:
-            metrics.update(evaluate_trial(self.shared, self.evaluator, ctx.module))
-        self.report(metrics)
+        return True
+
+    def metrics(self, evaluator, ctx, summary) -> dict[str, Any] | None:
+        metrics, out = evaluator.evaluate(ctx.module)
+        if metrics is None:  # not rank 0
+            return None
+        if self.shared.reference is not None:
+            from unlearn.evaluation import versus_reference
+
+            metrics.update(versus_reference(metrics, out, *self.shared.reference))
+        else:
+            metrics.update(gap=float("nan"), KL=float("nan"))
+        metrics["proxy"] = proxy_objective(metrics, self.shared.targets)
+        return {**metrics, "progress": summary.step / summary.total_steps, "final": summary.step >= summary.total_steps,
+                "seconds": summary.seconds, "diverged": False}
 
 
 def _penalty(shared: Shared) -> dict[str, Any]:
@@ -375,7 +372,7 @@ def _penalty(shared: Shared) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# trials (run inside Ray Tune actors)
+# trials (run inside Ray Tune actors): one configuration through the engine's per-worker function
 
 
 def _log_execution(shared: Shared, trial_id: str, event: str, metrics: dict[str, Any] | None = None) -> None:
@@ -409,11 +406,18 @@ def _logged_final(shared: Shared, trial_id: str) -> dict[str, Any] | None:
     return None
 
 
-def _request(shared: Shared, config: dict[str, Any]):
+def trial_job(shared: Shared, config: dict[str, Any], trial_id: str):
+    """The engine job of one trial: a queue of one run, the method with this configuration."""
     from unlearn.job import request_for
+    from unlearn.worker import GroupJob
 
+    splits = shared.prep.splits
     entry = MethodSpec(name=shared.method, params={**shared.fixed, **config})
-    return request_for(shared.prep, entry, shared.state)
+    request = request_for(shared.prep, entry, None)
+    return GroupJob(requests=[request], base_state=shared.state,
+                    eval_splits={"target": splits.target, "retain": splits.retain, "test": splits.test},
+                    mia=shared.mia, seed=shared.seed, storage=str(Path(shared.out_dir) / TRIALS_DIR / trial_id),
+                    capture=shared.capture, epoch_metrics=TrialReports(shared))
 
 
 def run_trial(config: dict[str, Any], shared_refs=()) -> None:
@@ -426,8 +430,7 @@ def run_trial(config: dict[str, Any], shared_refs=()) -> None:
     from ray import tune
 
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # object-store arrays
-    shared_ref = shared_refs[0]
-    shared: Shared = ray.get(shared_ref)
+    shared: Shared = ray.get(shared_refs[0])
     trial_id = tune.get_context().get_trial_id()
     finished = _logged_final(shared, trial_id)
     if finished is not None:
@@ -436,61 +439,89 @@ def run_trial(config: dict[str, Any], shared_refs=()) -> None:
         tune.report(finished)
         return
     _log_execution(shared, trial_id, "start")
-
-    def report(metrics: dict[str, Any]) -> None:
-        if metrics.get("final"):  # logged first: a scheduler may stop the trial at its last report
-            _log_execution(shared, trial_id, "diverged" if metrics.get("diverged") else "final", metrics)
-        tune.report(metrics)
-
-    try:
-        if shared.ray_spec is None:
-            _in_process(shared, config, report)
-        else:
-            _on_engine(shared, config, shared_ref)
-    except DivergedError:
-        report(_penalty(shared))
+    job = trial_job(shared, config, trial_id)
+    if shared.ray_spec is None:
+        _in_process(shared, job, trial_id)
+    else:
+        _on_engine(shared, job, trial_id)
 
 
-def _in_process(shared: Shared, config: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
+def _in_process(shared: Shared, job, trial_id: str) -> None:
+    """The trial in this Tune actor: the engine's per-worker function with the local comm."""
     import torch
+    from ray import tune
 
-    from unlearn import loop
-    from unlearn.execution import execute
-    from unlearn.methods import build
+    from unlearn.comm import LocalComm
+    from unlearn.engine import _call
+    from unlearn.worker import RunQueue, WorkerEnv, serve
 
     torch.set_num_threads(1)
-    request = _request(shared, config)
-    batch = build(request.method, request.params).params.batch_size
-    streams = [loop.ArrayStream(s.x, s.y, batch, seed=request.seed + k, index=s.index)
-               for k, s in enumerate((request.forget, request.retain))]
-    execute(request, *streams, on_epoch=EpochReporter(shared, report), verbose=False)
+    reports = job.epoch_metrics
+
+    def on_epoch(summary, ctx, method, request, evaluator) -> None:
+        if reports.due(summary):
+            metrics = reports.metrics(evaluator, ctx, summary)
+            if metrics.get("final"):  # logged first: a scheduler may stop the trial at its last report
+                _log_execution(shared, trial_id, "final", metrics)
+            tune.report(metrics)
+
+    queue = RunQueue([{"label": r.label, "role": r.role} for r in job.requests], base_ready=True)
+    serve(job, queue, WorkerEnv(comm=LocalComm(), call=_call, on_epoch=on_epoch, verbose=False))
+    _report_failure(shared, queue, trial_id, tune.report)
 
 
-def _on_engine(shared: Shared, config: dict[str, Any], shared_ref) -> None:
-    """A Ray Train run of this configuration; rank 0's reports reach Tune via TuneReportCallback."""
+def _report_failure(shared: Shared, queue, trial_id: str, report) -> None:
+    """A trial whose run failed (a NaN loss) reports the penalty, so the search ranks it last and goes on."""
+    finished = dict(queue.take_finished())
+    if any("error" in record for record in finished.values()):
+        penalty = _penalty(shared)
+        _log_execution(shared, trial_id, "diverged", penalty)
+        report(penalty)
+
+
+def _on_engine(shared: Shared, job, trial_id: str) -> None:
+    """The trial as a Ray Train worker group running the engine's `group_loop`; rank 0's reports reach
+    Tune via TuneReportCallback. Checkpoints and restarts are the engine's."""
+    import ray
     from ray import tune
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
     from ray.util.queue import Queue
 
+    from unlearn.engine import DEFAULT_REPORT_EVERY_S, group_loop
+    from unlearn.faults import armed_env
+    from unlearn.worker import RunQueue
+
     ray_spec = shared.ray_spec
-    trial_id = tune.get_context().get_trial_id()
     mailbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
     _TRAIN_RUNS[trial_id] = mailbox
+    queue = ray.remote(RunQueue).options(num_cpus=0).remote(
+        [{"label": r.label, "role": r.role} for r in job.requests], True)
+    job.base_state = ray.put(job.base_state)
+    config = {"job": ray.put(job), "queue": queue, "group": 0, "strategy": ray_spec.strategy,
+              "max_failures": ray_spec.max_failures, "fail": armed_env(), "report_every_s": DEFAULT_REPORT_EVERY_S}
     trainer = TorchTrainer(
-        _engine_worker,
-        train_loop_config={"config": config, "shared_ref": shared_ref, "trial_id": trial_id},
+        group_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=ray_spec.num_workers, use_gpu=ray_spec.use_gpu,
                                      resources_per_worker={"CPU": ray_spec.cpus_per_worker}),
         run_config=RunConfig(name=f"trial-{trial_id}", storage_path=str(Path(shared.out_dir).resolve() / "train"),
+                             failure_config=FailureConfig(max_failures=ray_spec.max_failures + 1),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
                              # SendController first: the handle is posted before Tune sees a result to stop on
-                             callbacks=[SendController(mailbox), TuneReportCallback()]),
-    )
+                             callbacks=[SendController(mailbox), TuneReportCallback()]))
     try:
         trainer.fit()
+        finished = dict(ray.get(queue.take_finished.remote()))
+        record = finished.get(0, {})
+        if "error" in record:
+            penalty = _penalty(shared)
+            _log_execution(shared, trial_id, "diverged", penalty)
+            tune.report(penalty)
+        elif record.get("metrics") is not None:
+            _log_execution(shared, trial_id, "final", record["metrics"])
     finally:
+        ray.kill(queue)
         if _TRAIN_RUNS.pop(trial_id, None) is not None:
             mailbox.shutdown()
 
@@ -536,40 +567,6 @@ class AbortTrainOnStop:
 
 
 run_trial.__mixins__ = (AbortTrainOnStop,)  # read by Tune when it wraps the function into a Trainable class
-
-
-def _engine_worker(loop_config: dict[str, Any]) -> None:
-    """Per-worker loop of an engine trial: this worker's shards, DDP, rank 0 evaluates each report."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    from unlearn import engine, loop
-    from unlearn.comm import current_comm
-    from unlearn.execution import execute
-    from unlearn.methods import build
-
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # object-store arrays
-    shared: Shared = ray.get(loop_config["shared_ref"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    request = _request(shared, loop_config["config"])
-    batch = build(request.method, request.params).params.batch_size
-    streams = [loop.ArrayStream(s.x, s.y, batch, seed=request.seed + k, rank=rank, world=world, device=device,
-                                index=s.index) for k, s in enumerate((request.forget, request.retain))]
-
-    def report(metrics: dict[str, Any]) -> None:
-        if rank == 0 and metrics.get("final"):
-            _log_execution(shared, loop_config["trial_id"], "diverged" if metrics.get("diverged") else "final", metrics)
-        ray.train.report(metrics)
-
-    try:
-        execute(request, *streams, comm=current_comm(), device=device,
-                wrap=engine._Wrapper(shared.ray_spec.strategy, device, world),
-                on_epoch=EpochReporter(shared, report, rank=rank), verbose=False)
-    except DivergedError:
-        report(_penalty(shared))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -619,21 +616,12 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write text through a temp file + rename (best.yaml)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _retrain_reference(prep, entry: MethodSpec, state, executor):
     """Retrain weights, cached by content hash next to the original model (once per job)."""
     import torch
 
     from unlearn.job import request_for
-    from unlearn.training import _atomic_save, original_key
+    from unlearn.training import original_key
 
     spec = prep.spec
     request = request_for(prep, entry, state)
@@ -646,7 +634,7 @@ def _retrain_reference(prep, entry: MethodSpec, state, executor):
         return torch.load(path, map_location="cpu"), request
     print("retrain reference: training once for this job (shared by every trial)", file=sys.stderr, flush=True)
     out = executor.run(request)
-    _atomic_save(out.state, path)
+    torch_save_atomic(out.state, path)
     return out.state, request
 
 
@@ -879,14 +867,18 @@ class _State:
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
     def save(self) -> None:
-        from unlearn.job import write_json_atomic
+        from unlearn.atomic import write_json_atomic
 
         write_json_atomic(self.data, self.path)
 
 
 def run_tune(spec: JobSpec, method: str | None = None, num_samples: int | None = None,
-             out_dir: Path | None = None) -> dict[str, Any]:
-    """Search `method`'s params on `spec`'s job; writes DIR/tune.json and DIR/best.yaml, returns tune.json."""
+             out_dir: Path | None = None, capture: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Search `method`'s params on `spec`'s job; writes DIR/tune.json and DIR/best.yaml, returns tune.json.
+
+    `capture` names method attributes (a saliency mask, a threshold) each trial writes with its result
+    under DIR/trials/<trial id>/results/.
+    """
     from unlearn.job import check_writable
 
     plan = plan_search(spec, method, num_samples)
@@ -904,7 +896,7 @@ def run_tune(spec: JobSpec, method: str | None = None, num_samples: int | None =
     state.data = {"spec": spec.model_dump(mode="json"), "method": plan.method, "num_samples": plan.num_samples,
                   "mlflow": {}}
     state.save()
-    return _search(plan, out_dir, state, restore=False)
+    return _search(plan, out_dir, state, restore=False, capture=capture)
 
 
 def resume_tune(out_dir: Path) -> dict[str, Any]:
@@ -918,15 +910,16 @@ def resume_tune(out_dir: Path) -> dict[str, Any]:
     return _search(plan, out_dir, state, restore=True)
 
 
-def _search(plan: Plan, out_dir: Path, state: _State, restore: bool) -> dict[str, Any]:
+def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tuple[str, ...] = ()) -> dict[str, Any]:
     import ray
     from ray import tune
 
     from unlearn.evaluation import ClassificationEvaluator
     from unlearn.execution import new_model
-    from unlearn.job import prepare, request_for, write_json_atomic
+    from unlearn.atomic import write_json_atomic
+    from unlearn.job import prepare, request_for
     from unlearn.tracking import Tracker, flatten, make_tracker
-    from unlearn.training import original_model
+    from unlearn.training import original_model, original_request
 
     spec, t0 = plan.spec, time.perf_counter()
     started = _ensure_ray(plan)
@@ -935,7 +928,7 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool) -> dict[str
         executor = _LazyExecutor(spec)
         weights, _ = original_model(spec, prep.splits, prep.input_shape, executor, prep.task)
         evaluator = ClassificationEvaluator(prep.splits, mia=spec.eval.mia, seed=spec.seed)
-        original_metrics, original_out = evaluator.evaluate(new_model(request_for(prep, MethodSpec(name="original"), weights)))
+        original_metrics, original_out = evaluator.evaluate(new_model(replace(original_request(spec, prep.splits, prep.input_shape, prep.task), initial_state=weights)))
         targets = proxy_targets(prep.splits, original_metrics, original_out, spec.seed)
         references: dict[str, dict[str, float]] = {"original": {**original_metrics,
                                                                 "proxy": proxy_objective(original_metrics, targets)}}
@@ -955,7 +948,7 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool) -> dict[str
                         fixed=plan.fixed, reports=spec.tune.reports, mia=spec.eval.mia, seed=spec.seed,
                         targets=targets, reference=reference, out_dir=str(out_dir.resolve()),
                         ray_spec=None if plan.in_process else spec.ray,
-                        failure_value=PENALTY if spec.tune.mode == "min" else 0.0)
+                        failure_value=PENALTY if spec.tune.mode == "min" else 0.0, capture=tuple(capture))
         shared_ref = ray.put(shared)
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared_refs=[shared_ref]), per_trial)
 

@@ -1,38 +1,40 @@
 """Datasets and forget scenarios.
 
-`load_dataset(spec, seed, cache_dir)` returns an `ImageDataset`; `make_splits` (scenarios.py) turns
-it and a forget spec into the forget / retain / test splits every method and metric uses.
+`load_dataset(spec, seed, cache_dir)` returns an `ImageDataset` from the loader registered under the spec's
+`dataset.name`; `make_splits` (scenarios.py) turns it and a forget spec into the forget / retain / test splits
+every method and metric uses. A dataset is one loader module here, one `DATASETS.register` line below and its
+name in `unlearn.spec.DATASET_KINDS` (what the spec must give for it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
+from unlearn.data import cifar, digits, parquet, synthetic
 from unlearn.data.base import ImageDataset, resize
-from unlearn.spec import DatasetSpec
+from unlearn.data.store import RowStore, open_store
+from unlearn.spec import DatasetSpec, Registry
+
+Loader = Callable[[DatasetSpec, int, Path], ImageDataset]  # (spec, seed, cache folder) -> dataset
+
+# Each loader takes only what it reads; these lines say which spec fields feed it. The loader modules import
+# their libraries (scikit-learn, pyarrow) when they load, so registering them costs nothing.
+DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
+DATASETS.register("digits", lambda spec, seed, cache: digits.load_digits_dataset(spec.test_fraction, seed))
+DATASETS.register("cifar10", lambda spec, seed, cache: cifar.load_cifar(spec.root, spec.name))
+DATASETS.register("cifar100", lambda spec, seed, cache: cifar.load_cifar(spec.root, spec.name))
+DATASETS.register("parquet", lambda spec, seed, cache: parquet.load_parquet(spec, seed))
+DATASETS.register("synthetic", lambda spec, seed, cache: synthetic.load_synthetic(
+    spec.num_train, spec.num_test, spec.image_size, seed, cache / "data"))
 
 
 def load_dataset(spec: DatasetSpec, seed: int, cache_dir: str | Path = ".cache/unlearn") -> ImageDataset:
-    """Load the dataset a spec names (each loader imported only when used)."""
-    if spec.name == "digits":
-        from unlearn.data.digits import load_digits_dataset
-
-        ds = load_digits_dataset(spec.test_fraction, seed)
-    elif spec.name in ("cifar10", "cifar100"):
-        from unlearn.data.cifar import load_cifar
-
-        ds = load_cifar(spec.root, spec.name)
-    elif spec.name == "parquet":
-        from unlearn.data.parquet import load_parquet
-
-        ds = load_parquet(spec, seed)
-    else:
-        from unlearn.data.synthetic import load_synthetic
-
-        ds = load_synthetic(spec.num_train, spec.num_test, spec.image_size, seed, Path(cache_dir) / "data")
+    """Load the dataset a spec names, resized when the spec asks."""
+    ds = DATASETS.lookup(spec.name)(spec, seed, Path(cache_dir))
     if spec.resize:
         ds.x_train, ds.x_test = resize(ds.x_train, spec.resize), resize(ds.x_test, spec.resize)
     return ds
 
 
-__all__ = ["ImageDataset", "load_dataset"]
+__all__ = ["DATASETS", "ImageDataset", "Loader", "RowStore", "load_dataset", "open_store"]

@@ -15,7 +15,7 @@ outside the whole target concept). FA and MIA are measured on `target`, RA on `r
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,14 +24,71 @@ from unlearn.errors import SpecError
 from unlearn.spec import ForgetSpec
 
 
-@dataclass
+class Rows(Protocol):
+    """Where a split's images are read from: `read(row_ids)` gives float32 N x C x H x W images."""
+
+    def read(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+class ArrayRows:
+    """Images held in memory, addressed by row id (row id = position in the array)."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = x
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self.x[np.asarray(rows, dtype=np.int64)]
+
+
+class StoreRows:
+    """Rows of one part ('train' or 'test') of a Parquet row store, read on demand (workers read their own)."""
+
+    def __init__(self, store: Any, part: str) -> None:
+        self.store, self.part = store, part
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return self.store.read(self.part, np.asarray(rows, dtype=np.int64))
+
+
 class Split:
-    x: np.ndarray
-    y: np.ndarray  # labels at the model's level (class or superclass)
-    index: np.ndarray  # row ids in the dataset's train (or test) arrays
+    """Labels and row ids of a subset of a dataset's train or test part; images only when someone asks.
+
+    The driver plans with labels and row ids alone; `x` is read from `rows` on first use and is never
+    pickled with the split when it can be read again (workers get the light split and read their rows).
+    """
+
+    def __init__(self, x: np.ndarray | None, y: np.ndarray, index: np.ndarray, rows: Rows | None = None) -> None:
+        self.y = np.asarray(y)
+        self.index = np.asarray(index)  # row ids in the dataset's train (or test) part
+        self._x = x
+        self.rows = rows if rows is not None else _PositionalRows(self)
+
+    @property
+    def x(self) -> np.ndarray:
+        if self._x is None:
+            self._x = np.asarray(self.rows.read(self.index), dtype=np.float32)
+        return self._x
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if not isinstance(self.rows, _PositionalRows):
+            state["_x"] = None  # readable again from `rows`: travel light
+        return state
+
+
+class _PositionalRows:
+    """The rows of a split built from arrays in memory (tests, benchmarks): row id -> its position."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        index = self.split.index
+        order = np.argsort(index, kind="stable")
+        return self.split._x[order[np.searchsorted(index, np.asarray(rows), sorter=order)]]
 
 
 @dataclass
@@ -52,9 +109,16 @@ class Splits:
                 "remain": len(self.remain), "target": len(self.target)}
 
 
-def _take(x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> Split:
+def _take(rows: Rows, y: np.ndarray, mask: np.ndarray) -> Split:
     idx = np.flatnonzero(mask)
-    return Split(x[idx], y[idx], idx)
+    return Split(None, y[idx], idx, rows)
+
+
+def _labels_and_rows(ds: Any) -> tuple[np.ndarray, np.ndarray, Rows, Rows]:
+    """(train labels, test labels, train rows, test rows) of an in-memory dataset or a Parquet row store."""
+    if hasattr(ds, "labels"):  # RowStore: labels only; images stay in the store
+        return ds.labels("train"), ds.labels("test"), StoreRows(ds, "train"), StoreRows(ds, "test")
+    return ds.y_train, ds.y_test, ArrayRows(ds.x_train), ArrayRows(ds.x_test)
 
 
 def _check_classes(ds: ImageDataset, classes: list[int], field_name: str) -> None:
@@ -64,8 +128,8 @@ def _check_classes(ds: ImageDataset, classes: list[int], field_name: str) -> Non
 
 
 def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int) -> Splits:
-    """Build every split a job needs from a dataset and a forget spec."""
-    cls_train, cls_test = ds.y_train, ds.y_test
+    """Build every split a job needs from a dataset (or its row store: labels only) and a forget spec."""
+    cls_train, cls_test, train_rows, test_rows = _labels_and_rows(ds)
     sup_train, sup_test = ds.superclass_of[cls_train], ds.superclass_of[cls_test]
     describe: dict[str, Any] = {"kind": spec.kind}
 
@@ -97,16 +161,15 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int) -> Splits:
         raise SpecError("forget", "the forget set is empty (no training sample matches the forget spec)")
     if target_train.all():
         raise SpecError("forget", "the forget spec covers the whole training set: nothing would be retained")
-    x = ds.x_train
     splits = Splits(
         label_level=level,
         num_outputs=n_out,
-        train=Split(x, labels_train, np.arange(len(labels_train))),
-        forget=_take(x, labels_train, given),
-        remain=_take(x, labels_train, ~given),
-        retain=_take(x, labels_train, ~target_train),
-        target=_take(x, labels_train, target_train),
-        test=_take(ds.x_test, labels_test, ~target_test),
+        train=Split(None, labels_train, np.arange(len(labels_train)), train_rows),
+        forget=_take(train_rows, labels_train, given),
+        remain=_take(train_rows, labels_train, ~given),
+        retain=_take(train_rows, labels_train, ~target_train),
+        target=_take(train_rows, labels_train, target_train),
+        test=_take(test_rows, labels_test, ~target_test),
         target_labels=target_labels,
         describe=describe,
     )

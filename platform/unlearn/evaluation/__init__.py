@@ -1,15 +1,24 @@
-"""Evaluation of an unlearned model against the retrain reference."""
+"""Evaluation of an unlearned model against the retrain reference.
+
+One evaluator per task, registered in `EVALUATORS` under the task's name: `ClassificationEvaluator` here,
+`DiffusionEvaluator` in diffusion.py. An evaluator is built once per job from its splits, spec and dataset.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import numpy as np
 from torch import nn
 
+from unlearn.data.base import ImageDataset
 from unlearn.data.scenarios import Splits
+from unlearn.evaluation.diffusion import DiffusionEvaluator
 from unlearn.evaluation.metrics import accuracy_from_probs, gap, kl_divergence, probabilities
 from unlearn.evaluation.mia import mia_efficacy
+from unlearn.spec import JobSpec, Registry
 
 
 @dataclass
@@ -45,11 +54,30 @@ def versus_reference(metrics: dict[str, float], out: Outputs, ref_metrics: dict[
     return {"gap": gap(metrics, ref_metrics), "KL": kl_divergence(ref_out.test, out.test)}
 
 
+class Evaluator(Protocol):
+    """What the job and Tune ask of a task's evaluator."""
+
+    def evaluate(self, model: nn.Module) -> tuple[dict[str, float], Any]:
+        """The model's metrics, and the outputs `compare` needs."""
+
+    def compare(self, metrics: dict[str, float], out: Any, ref_metrics: dict[str, float],
+                ref_out: Any) -> dict[str, float]:
+        """Metrics against the reference (retrain) model."""
+
+    def artifacts(self, model: nn.Module, name: str, folder: Path) -> list[Path]:
+        """Files to attach to the model's run."""
+
+
 class ClassificationEvaluator:
     """FA/RA/TA/MIA of a model on a job's splits, and Gap/KL against a reference."""
 
     def __init__(self, splits: Splits, mia: bool = True, seed: int = 0) -> None:
         self.splits, self.mia, self.seed = splits, mia, seed
+
+    @classmethod
+    def for_job(cls, splits: Splits, spec: JobSpec, dataset: ImageDataset) -> "ClassificationEvaluator":
+        """The evaluator a job's spec asks for (MIA on or off, the job's seed)."""
+        return cls(splits, mia=spec.eval.mia, seed=spec.seed)
 
     def evaluate(self, model: nn.Module) -> tuple[dict[str, float], Outputs]:
         out = outputs(model, self.splits)
@@ -59,19 +87,22 @@ class ClassificationEvaluator:
                 ref_out: Outputs) -> dict[str, float]:
         return versus_reference(metrics, out, ref_metrics, ref_out)
 
-    def artifacts(self, model: nn.Module, name: str, folder) -> list:
+    def artifacts(self, model: nn.Module, name: str, folder: Path) -> list[Path]:
         """Extra files to attach to a method's run (none for classifiers)."""
         return []
 
 
-def build_evaluator(task: str, splits: Splits, spec, dataset):
-    """The evaluator of a task: classification metrics, or diffusion FA/FD (evaluation/diffusion.py)."""
-    if task == "classification":
-        return ClassificationEvaluator(splits, mia=spec.eval.mia, seed=spec.seed)
-    from unlearn.evaluation.diffusion import DiffusionEvaluator
+EvaluatorFactory = Callable[[Splits, JobSpec, ImageDataset], Evaluator]
 
-    return DiffusionEvaluator(splits, spec, dataset)
+EVALUATORS: Registry[EvaluatorFactory] = Registry("evaluator", "task")
+EVALUATORS.register("classification", ClassificationEvaluator.for_job)
+EVALUATORS.register("diffusion", DiffusionEvaluator)
 
 
-__all__ = ["Outputs", "outputs", "classification_metrics", "versus_reference", "ClassificationEvaluator",
-           "build_evaluator"]
+def build_evaluator(task: str, splits: Splits, spec: JobSpec, dataset: ImageDataset) -> Evaluator:
+    """The evaluator of a task's models on a job's splits (what `unlearn.tasks.Task.evaluator` returns)."""
+    return EVALUATORS.lookup(task)(splits, spec, dataset)
+
+
+__all__ = ["EVALUATORS", "Evaluator", "EvaluatorFactory", "Outputs", "outputs", "classification_metrics",
+           "versus_reference", "ClassificationEvaluator", "build_evaluator"]

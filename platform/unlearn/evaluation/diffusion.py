@@ -37,9 +37,9 @@ from torch import nn
 from unlearn.data.scenarios import Splits
 from unlearn.errors import BadInput
 from unlearn.models.ddpm import build_ddpm, sample
-from unlearn.spec import JobSpec, ModelSpec, OptimizerSpec, TrainSpec
+from unlearn.spec import CNNSpec, JobSpec, OptimizerSpec, TrainSpec
 
-JUDGE_MODEL = ModelSpec(name="cnn", channels=[32, 64, 128])
+JUDGE_MODEL = CNNSpec(channels=[32, 64, 128])
 JUDGE_TRAIN = TrainSpec(epochs=15, batch_size=64, optimizer=OptimizerSpec(name="sgd", lr=0.05, momentum=0.9,
                                                                           weight_decay=5e-4), lr_schedule="cosine")
 JUDGE_VERSION = 1  # bump when the judge's recipe or features change

@@ -11,25 +11,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterator, NamedTuple
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from unlearn.batch import Batch, LossFn, RelabelFn  # re-exported: methods import Batch from here
 from unlearn.comm import Comm, LocalComm
 from unlearn.params import MethodParams
-
-
-class Batch(NamedTuple):
-    x: torch.Tensor
-    y: torch.Tensor
-    index: torch.Tensor  # global row ids in their split (stable across workers and restarts)
-
-
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # per-sample task loss, shape (batch,)
-# per-sample loss that teaches the model other `labels` for the batch's inputs (random-label methods)
-RelabelFn = Callable[[nn.Module, Batch, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -85,6 +75,7 @@ class Method(abc.ABC):
     tasks: ClassVar[frozenset[str]] = frozenset({"classification"})
     primary: ClassVar[str] = "forget"  # the stream `epochs` counts passes over
     from_scratch: ClassVar[bool] = False  # True: weights are re-initialised in setup (retrain)
+    reference: ClassVar[bool] = False  # True: the run every Gap and KL is measured against (retrain)
 
     def __init__(self, params: MethodParams | None = None) -> None:
         self.params = params if params is not None else self.Params()

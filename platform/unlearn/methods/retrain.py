@@ -20,6 +20,7 @@ class Retrain(Method):
     uses = frozenset({"retain"})
     primary = "retain"
     from_scratch = True
+    reference = True
     tasks = frozenset({"classification", "diffusion"})
     Params = RetrainParams
     paper = "reference: retrain from scratch on D_r (every seed paper)"

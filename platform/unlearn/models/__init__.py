@@ -1,31 +1,45 @@
-"""Model zoo: built from the spec's `model` section; nothing is downloaded."""
+"""Model zoo: one registry entry per family, built from the spec's `model` section; nothing is downloaded.
+
+A family is three things: its spec class (`unlearn.spec`, registered with `@model_family`), a builder
+`(spec, num_classes, input_shape) -> nn.Module` in its own module here, and one `MODELS.register` line
+below naming the builder and the task its models serve (a name in `unlearn.tasks.TASKS`). Family modules
+import their heavy libraries (torchvision, diffusers) inside the builder, so this registry stays cheap.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
 from torch import nn
 
-from unlearn.spec import ModelSpec
+from unlearn.models import classifiers, ddpm
+from unlearn.spec import ModelSpec, Registry
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How a family's spec section becomes a fresh module, and the task its models serve."""
+
+    build: Callable[[Any, int, tuple[int, ...]], nn.Module]  # (its spec section, outputs, C x H x W)
+    task: str
+
+
+MODELS: Registry[ModelFamily] = Registry("model", "model.name")
+MODELS.register("mlp", ModelFamily(classifiers.build_mlp, task="classification"))
+MODELS.register("cnn", ModelFamily(classifiers.build_cnn, task="classification"))
+MODELS.register("resnet18", ModelFamily(classifiers.build_resnet18, task="classification"))
+MODELS.register("ddpm", ModelFamily(ddpm.build_ddpm, task="diffusion"))
 
 
 def build_model(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """A freshly initialised model for `num_classes` outputs (classes or superclasses)."""
-    from unlearn.models import classifiers
-
-    if spec.name == "mlp":
-        return classifiers.MLP(input_shape, num_classes, spec.hidden, spec.dropout)
-    if spec.name == "cnn":
-        return classifiers.SmallCNN(input_shape, num_classes, spec.channels, spec.dropout)
-    if spec.name == "resnet18":
-        return classifiers.resnet18(input_shape, num_classes)
-    from unlearn.models.ddpm import build_ddpm
-
-    return build_ddpm(spec, num_classes, input_shape)
+    return MODELS.lookup(spec.name).build(spec, num_classes, input_shape)
 
 
 def reinitialise(model: nn.Module, seed: int) -> None:
     """Reset every layer's parameters, deterministically from `seed` (retrain starts from scratch)."""
-    import torch
-
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     for module in model.modules():
@@ -35,4 +49,4 @@ def reinitialise(model: nn.Module, seed: int) -> None:
     torch.random.set_rng_state(gen_state)
 
 
-__all__ = ["build_model", "reinitialise"]
+__all__ = ["MODELS", "ModelFamily", "build_model", "reinitialise"]

@@ -1,4 +1,7 @@
-"""Classifier zoo: an MLP, a small CNN for CPU work, and ResNet-18 adapted to 32x32 inputs."""
+"""Classifier zoo: an MLP, a small CNN for CPU work, and ResNet-18 adapted to 32x32 inputs.
+
+Each family has a `build_<name>(spec, num_classes, input_shape)` that `unlearn.models` registers.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import math
 
 import torch
 from torch import nn
+
+from unlearn.spec import CNNSpec, MLPSpec, ResNet18Spec
 
 
 class MLP(nn.Module):
@@ -47,7 +52,17 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_mlp(spec: MLPSpec, num_classes: int, input_shape: tuple[int, ...]) -> MLP:
+    """A fresh MLP with the spec's hidden widths and dropout."""
+    return MLP(input_shape, num_classes, spec.hidden, spec.dropout)
+
+
+def build_cnn(spec: CNNSpec, num_classes: int, input_shape: tuple[int, ...]) -> SmallCNN:
+    """A fresh SmallCNN with the spec's block widths and dropout."""
+    return SmallCNN(input_shape, num_classes, spec.channels, spec.dropout)
+
+
+def build_resnet18(spec: ResNet18Spec, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """torchvision ResNet-18 for small images: 3x3 stride-1 stem, no max-pool (as in the seeds' CIFAR code)."""
     from torchvision.models import resnet18 as tv_resnet18
 

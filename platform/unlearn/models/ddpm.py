@@ -24,9 +24,9 @@ import math
 import torch
 from torch import nn
 
+from unlearn.batch import Batch
 from unlearn.errors import SpecError
-from unlearn.methods.base import Batch
-from unlearn.spec import ModelSpec
+from unlearn.spec import DDPMSpec
 
 
 class ConditionalDDPM(nn.Module):
@@ -49,7 +49,7 @@ class ConditionalDDPM(nn.Module):
         return (self.unet.config.in_channels, size, size)
 
 
-def build_ddpm(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> ConditionalDDPM:
+def build_ddpm(spec: DDPMSpec, num_classes: int, input_shape: tuple[int, ...]) -> ConditionalDDPM:
     """A freshly initialised class-conditional UNet for C x H x W images (H = W) and its DDPM scheduler."""
     from diffusers import DDPMScheduler, UNet2DModel
 

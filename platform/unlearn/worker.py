@@ -1,0 +1,275 @@
+"""What every worker of a group does, on Ray or in this process: take the job's runs from a shared queue.
+
+`serve(job, queue, env)` reads like a plain training script: for each run it gets from the queue it resets
+the model to the run's starting weights, builds this worker's streams over its share of the data (rows it
+reads itself, once per job, through `RowCache`), runs the step loop, evaluates its share of the
+evaluation splits, and hands the result on. Where it runs is `env`'s business: the comm, the device, how
+the model is wrapped (DDP/FSDP on Ray), what an epoch reports (checkpoints on Ray), attempt records.
+
+Queue protocol (`RunQueue`, held by the driver, an actor on Ray): `next(group)` gives the index of the
+run this group should do (the one it was doing before a restart first), `WAIT` while the original model
+that every other run starts from is still being trained, or None when nothing is left; `done` / `failed`
+record the outcome; `set_base` / `base` pass on the original's weights when the queue trained it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from unlearn import loop
+from unlearn.atomic import write_bytes_atomic
+from unlearn.errors import BadInput, DivergedError
+from unlearn.evaluation.sharded import EVAL_SPLITS, ShardedClassificationEvaluator
+from unlearn.execution import RunOutput, RunRequest, execute, new_model
+from unlearn.shards import RowCache, ShareStream
+
+WAIT = -1  # `next` answer: the base model is not trained yet
+
+
+@dataclass
+class GroupJob:
+    """Everything a group's workers need, sent once (splits travel without images)."""
+
+    requests: list[RunRequest]
+    base_state: Any = None  # the original's weights (a dict, or an object-store reference on Ray); None: in the queue
+    eval_splits: dict[str, Any] | None = None  # target / retain / test: worker-side classification evaluation
+    mia: bool = True
+    seed: int = 0
+    storage: str = ""  # folder (or URI) the results are written to
+    capture: tuple[str, ...] = ()
+    epoch_metrics: Any = None  # optional: `due(summary)` and `metrics(evaluator, ctx)` for Tune reports
+
+
+class RunQueue:
+    """The job's queue of runs (see the module docstring); plain Python, wrapped as a Ray actor on Ray."""
+
+    def __init__(self, requests: list[dict[str, Any]], base_ready: bool) -> None:
+        self.items = requests  # {"label", "role"} per run, in queue order
+        self.claimed: dict[int, int] = {}  # run index -> group
+        self.finished: dict[int, dict[str, Any]] = {}
+        self.unread: list[int] = []
+        self.base_ready, self.base_state = base_ready, None
+        self.group_starts: dict[int, int] = {}
+        self.method_failures: dict[int, int] = {}
+
+    def start_group(self, group: int, max_failures: int) -> bool:
+        """Count a (re)start of a group; False when it has lost more workers than `max_failures` allows.
+
+        A restart that follows a run recorded as failed (the group restarts so that no worker is left
+        waiting in a collective) does not count against the budget.
+        """
+        self.group_starts[group] = self.group_starts.get(group, 0) + 1
+        lost = self.group_starts[group] - 1 - self.method_failures.get(group, 0)
+        if lost <= max_failures:
+            return True
+        for index, owner in self.claimed.items():  # the run it was doing cannot finish
+            if owner == group and index not in self.finished:
+                self.failed(index, {"error": "WorkerGroupFailed",
+                                    "message": f"worker group {group} lost a worker more than {max_failures} times"})
+        return False
+
+    def next(self, group: int) -> int | None:
+        for index, owner in self.claimed.items():  # a restarted group resumes its own unfinished run first
+            if owner == group and index not in self.finished:
+                return index
+        for index, item in enumerate(self.items):
+            if index in self.claimed:
+                continue
+            if item["role"] != "original" and not self.base_ready:
+                return WAIT
+            self.claimed[index] = group
+            return index
+        return None
+
+    def done(self, index: int, record: dict[str, Any]) -> None:
+        if index not in self.finished:
+            self.finished[index] = record
+            self.unread.append(index)
+
+    def failed(self, index: int, error: dict[str, str]) -> None:
+        if index not in self.finished and index in self.claimed:
+            owner = self.claimed[index]
+            self.method_failures[owner] = self.method_failures.get(owner, 0) + 1
+        self.done(index, {"error": error})
+
+    def is_finished(self, index: int) -> bool:
+        return index in self.finished
+
+    def set_base(self, state: dict[str, torch.Tensor]) -> None:
+        self.base_state, self.base_ready = state, True
+
+    def base(self) -> dict[str, torch.Tensor] | None:
+        return self.base_state
+
+    def take_finished(self) -> list[tuple[int, dict[str, Any]]]:
+        """Runs finished since the last call (the driver writes their MLflow runs as they come)."""
+        out = [(i, self.finished[i]) for i in self.unread]
+        self.unread = []
+        return out
+
+    def all_done(self) -> bool:
+        return len(self.finished) == len(self.items)
+
+
+@dataclass
+class WorkerEnv:
+    """Where `serve` runs: rank, comm, device, and the engine's hooks (identity in one process)."""
+
+    rank: int = 0
+    world: int = 1
+    group: int = 0
+    comm: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrap: Callable[[torch.nn.Module, RunRequest], torch.nn.Module] = lambda module, request: module
+    call: Callable[..., Any] = None  # call(queue, name, *args): a queue method, local or remote
+    on_epoch: Callable[..., None] | None = None  # (summary, ctx, method, request): checkpoints, Tune reports
+    on_done: Callable[[RunRequest], None] | None = None  # after a run: the checkpoint that marks it done
+    resume_for: Callable[[str], dict[str, Any] | None] = lambda label: None
+    state_of: Callable[[torch.nn.Module, torch.nn.Module], Any] = (
+        lambda model, module: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
+    record: Callable[[dict[str, Any]], None] = lambda event: None  # attempt records
+    wrap_stream: Callable[[Any, str], Any] = lambda stream, label: stream  # test-only failure injection
+    verbose: bool = True
+    max_failures: int = 0  # lost workers a group may restart after
+
+    def agree(self, value: Any) -> Any:
+        """Rank 0's value on every rank."""
+        return self.comm.broadcast_object(value, src=0) if self.world > 1 else value
+
+
+def serve(job: GroupJob, queue: Any, env: WorkerEnv) -> None:
+    """Run queue items until none is left (every rank of the group runs the same items in step)."""
+    if not env.agree(env.call(queue, "start_group", env.group, env.max_failures) if env.rank == 0 else None):
+        return  # restarted too often: its run is recorded as failed, the other groups go on
+    caches: dict[int, RowCache] = {}
+    base = _resolve(job.base_state)
+    while True:
+        index = env.agree(env.call(queue, "next", env.group) if env.rank == 0 else None)
+        if index is None:
+            return
+        if index == WAIT:  # another group is still training the original
+            time.sleep(0.2)
+            continue
+        request = job.requests[index]
+        if request.role != "original" and base is None:
+            base = _resolve(env.call(queue, "base"))
+        resume = env.resume_for(request.label)
+        env.record({"event": "start", "label": request.label, "group": env.group, "rank": env.rank,
+                    "pid": os.getpid(), "step": int(resume["step"]) if resume else 0, "time": time.time()})
+        try:
+            out = run_request(request, job, env, caches, base, resume)
+        except (DivergedError, BadInput, RuntimeError, ValueError) as err:  # the method failed, not the worker
+            env.call(queue, "failed", index, {"error": type(err).__name__, "message": _first_line(err)})
+            if env.world > 1:
+                raise  # the others may wait in a collective: the group restarts and moves on past this run
+            continue
+        if request.role == "original":
+            base = out.state
+            if env.rank == 0:
+                env.call(queue, "set_base", out.state)
+        if env.rank == 0:
+            env.call(queue, "done", index, write_result(job.storage, request.label, out))
+        if env.on_done is not None:
+            env.on_done(request)
+
+
+def run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dict, base: Any,
+                resume: dict[str, Any] | None) -> RunOutput:
+    """One run on this worker: model at its starting weights, streams over this worker's share, loop, evaluation."""
+    start = request.initial_state if request.initial_state is not None else base
+    module = new_model(replace(request, initial_state=start))
+    evaluator = _evaluator(job, env, caches)
+    if request.role == "evaluate":  # the cached original: scored, not trained
+        metrics, outputs = evaluator.evaluate(module.to(env.device)) if evaluator is not None else (None, None)
+        return RunOutput(state=None, seconds=0.0, metrics=metrics, outputs=outputs, label=request.label)
+    batch_size = request.params.batch_size
+    steps = loop.total_steps(request.method_class(request.params), len(request.forget), len(request.retain))
+    streams = []
+    for k, (name, split) in enumerate((("forget", request.forget), ("retain", request.retain))):
+        stream = ShareStream(split.rows, split.index, split.y, batch_size=batch_size, world=env.world,
+                             rank=env.rank, seed=request.seed + k, steps=steps, device=env.device,
+                             uses_steps=name in request.method_class.uses, cache=_cache(caches, split))
+        stream.start_step = int(resume["step"]) if resume else 0
+        streams.append(env.wrap_stream(stream, request.label) if name in request.method_class.uses else stream)
+    on_epoch = (lambda summary, ctx, method: env.on_epoch(summary, ctx, method, request, evaluator)) \
+        if env.on_epoch else None
+    run = execute(request, *streams, comm=env.comm, device=env.device, wrap=lambda m: env.wrap(m, request),
+                  on_epoch=on_epoch, resume=resume, verbose=env.verbose and env.rank == 0, module=module)
+    metrics, outputs = evaluator.evaluate(run.module) if evaluator is not None else (None, None)
+    state = env.state_of(run.model, run.module)
+    captured = {name: _to_cpu(getattr(run.method, name)) for name in job.capture if hasattr(run.method, name)}
+    return RunOutput(state=state, seconds=run.result.seconds, history=run.result.history,
+                     resumed_from_step=int(resume["step"]) if resume else 0, metrics=metrics, outputs=outputs,
+                     captured=captured, label=request.label)
+
+
+def _cache(caches: dict, split: Any) -> RowCache:
+    """One row cache per split for the whole job: a worker reads each of its rows from storage once."""
+    if id(split) not in caches:
+        caches[id(split)] = RowCache(split.rows, split.index)
+    return caches[id(split)]
+
+
+def _evaluator(job: GroupJob, env: WorkerEnv, caches: dict) -> ShardedClassificationEvaluator | None:
+    if job.eval_splits is None:
+        return None
+    split_caches = {name: _cache(caches, job.eval_splits[name]) for name in EVAL_SPLITS}
+    return ShardedClassificationEvaluator(job.eval_splits, split_caches, env.comm, env.device, mia=job.mia,
+                                          seed=job.seed)
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def _resolve(state: Any) -> Any:
+    """Weights from an object-store reference (Ray), or as they are."""
+    if state is not None and type(state).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(state)
+    return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# --- results on storage ------------------------------------------------------------------------------------
+def result_path(storage: str, label: str) -> str:
+    return f"{storage.rstrip('/')}/results/{label}.pt"
+
+
+def write_result(storage: str, label: str, out: RunOutput) -> dict[str, Any]:
+    """Rank 0 writes a finished run's weights, metrics and outputs atomically; the record says where."""
+    buffer = io.BytesIO()
+    torch.save({"state": out.state, "seconds": out.seconds, "history": out.history, "metrics": out.metrics,
+                "outputs": out.outputs, "captured": out.captured, "resumed_from_step": out.resumed_from_step}, buffer)
+    path = result_path(storage, label)
+    write_bytes_atomic(buffer.getvalue(), path)
+    return {"path": path, "metrics": out.metrics, "seconds": out.seconds}
+
+
+def read_result(path: str) -> dict[str, Any]:
+    from unlearn.atomic import read_bytes
+
+    return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=False)
+
+
+def error_text(err: BaseException) -> str:
+    """The last frame and message of an unexpected error, for a failed run's record."""
+    return "".join(traceback.format_exception_only(type(err), err)).strip()

@@ -1,8 +1,7 @@
-"""The Ray Train engine: shards, equivalence across worker counts, fault tolerance, cluster entry points.
+"""The engine: exact shares of every global batch, the job queue, worker groups, failures and restarts.
 
-The shard-plan tests run without Ray. The `ray` tests share one local Ray session (conftest.ray_session)
-and use the digits MLP, whose Train runs cost mostly their fixed start-up; the `ray start --head` +
-`ray job submit` test starts its own head (after shutting the shared session down) and is `slow`.
+The share and queue tests run without Ray. The `ray` tests share one local Ray session (conftest.ray_session);
+the `ray start --head` tests start their own head (after shutting the shared session down) and are `slow`.
 """
 
 from __future__ import annotations
@@ -15,10 +14,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,83 +27,113 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from unlearn import loop, spec as spec_mod
-from unlearn.data.scenarios import Split
-from unlearn.engine import RayExecutor, ShardStream, plan_shards, shard_tables
-from unlearn.errors import DivergedError
-from unlearn.evaluation import build_evaluator
-from unlearn.execution import LocalExecutor, RunRequest, execute, new_model
+from unlearn import cli, loop, spec as spec_mod
+from unlearn.checkpoints import AttemptLog
+from unlearn.data.scenarios import ArrayRows
+from unlearn.engine import RayExecutor
+from unlearn.execution import LocalExecutor, RunRequest
 from unlearn.job import Prepared, prepare, request_for, run_job
-from unlearn.methods import build as build_method
+from unlearn.methods import REGISTRY
+from unlearn.shards import ShareStream, global_batches, share_of, split_order
 from unlearn.spec import MethodSpec, RaySpec
 from unlearn.training import original_model
+from unlearn.worker import WAIT, GroupJob, RunQueue
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-# --- shard plans (no Ray) -------------------------------------------------------------------------------
-def _streams(n: int, batch_size: int, world: int, seed: int = 0) -> list[ShardStream]:
+# --- shares of global batches (no Ray) ------------------------------------------------------------------
+def _streams(n: int, batch_size: int, world: int, seed: int = 0) -> list[ShareStream]:
     """Every worker's stream of an n-row split (x = row id), built the way workers build them."""
     x = np.arange(n, dtype=np.float32).reshape(n, 1)
-    tables = shard_tables(x, np.zeros(n, dtype=np.int64), np.arange(n) + 1000, plan_shards(n, batch_size, world, seed))
-    return [ShardStream.from_table(table, (1,), size=n, batch_size=batch_size, world=world, rank=r, seed=seed)
-            for r, table in enumerate(tables)]
-
-
-def _pass_batches(streams: list[ShardStream]) -> list[tuple[int, ...]]:
-    return sorted(tuple(sorted(b.index.tolist())) for s in streams for b in s.one_pass())
+    return [ShareStream(ArrayRows(x), np.arange(n), np.zeros(n, dtype=np.int64), batch_size=batch_size, world=world,
+                        rank=r, seed=seed, steps=5) for r in range(world)]
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 63, 64, 65, 137, 1210])
 @pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("batch_size", [1, 8, 64])
-def test_shards_cover_the_split_exactly_once_and_every_worker_can_step(n, world, batch_size):
-    streams = _streams(n, batch_size, world)
-    passed = [i for s in streams for b in s.one_pass() for i in b.index.tolist()]
-    assert sorted(passed) == list(range(1000, 1000 + n))  # the union of the shards is the split, no duplicates
-    for s in streams:
-        batch = next(s.batches())
-        assert len(batch.y) == s.batch_size == -(-batch_size // world)  # every worker draws a full share
+@pytest.mark.parametrize("batch_size", [3, 8, 64])
+def test_every_step_the_workers_slices_make_up_the_one_process_batch(n, world, batch_size):
+    one = _streams(n, batch_size, 1)[0].batches()
+    workers = [s.batches() for s in _streams(n, batch_size, world)]
+    for _ in range(7):
+        expected = next(one).index.tolist()
+        slices = [next(w).index.tolist() for w in workers]
+        assert sum(slices, []) == expected  # the same rows, in the same order, for any worker count
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
 
 
-@pytest.mark.parametrize("n,batch_size", [(137, 64), (1210, 64), (300, 16), (40, 64)])
-def test_whole_set_passes_see_the_same_batches_on_any_worker_count(n, batch_size):
+@pytest.mark.parametrize("n,batch_size", [(137, 64), (1210, 64), (300, 16), (40, 64), (5, 2)])
+def test_whole_set_passes_cover_the_split_once_in_the_same_batches_on_any_worker_count(n, batch_size):
     """Batch-level statistics (SFR-on's Fisher: a mean of squared batch gradients) cannot depend on N."""
-    one = _pass_batches(_streams(n, batch_size, 1))
-    assert _pass_batches(_streams(n, batch_size, 2)) == one
-    assert _pass_batches(_streams(n, batch_size, 3)) == one
+    def batches(world):
+        return sorted(tuple(b.index.tolist()) for s in _streams(n, batch_size, world) for b in s.one_pass())
+
+    one = batches(1)
+    assert sorted(i for b in one for i in b) == list(range(n))
+    assert batches(2) == one and batches(3) == one
 
 
-def test_a_split_smaller_than_the_batch_is_replicated_for_steps_only():
-    plans = plan_shards(3, batch_size=64, world=2, seed=0)
-    assert [sorted(p.rows.tolist()) for p in plans] == [[0, 1, 2], [0, 1, 2]]  # both workers can draw batches
-    assert [int(p.own.sum()) for p in plans] == [3, 0]  # but only one covers the rows in a whole-set pass
+def test_a_worker_reads_only_the_rows_its_slices_touch():
+    n, batch = 1000, 64
+    streams = _streams(n, batch, 2)
+    held = [s.cache.rows_held for s in streams]
+    assert held == [5 * 32, 5 * 32]  # 5 steps of a 32-row slice, within one pass: no row read twice
 
 
-def test_one_worker_stream_draws_exactly_what_the_in_process_stream_draws():
+def test_the_array_stream_draws_what_a_one_worker_share_stream_over_storage_draws():
     n, batch = 137, 64
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(n, 2, 3)).astype(np.float32), rng.integers(0, 5, n)
-    [table] = shard_tables(x, y, np.arange(n), plan_shards(n, batch, 1, seed=7))
-    ours = ShardStream.from_table(table, (2, 3), size=n, batch_size=batch, world=1, rank=0, seed=7)
-    theirs = loop.ArrayStream(x, y, batch, seed=7)
-    for a, b in zip([*ours.one_pass(), *_take(ours.batches(), 5)], [*theirs.one_pass(), *_take(theirs.batches(), 5)]):
+    ours = ShareStream(ArrayRows(x), np.arange(n), y, batch_size=batch, seed=7, steps=5)
+    theirs = loop.array_stream(x, y, batch, seed=7)
+    take = lambda s: [*s.one_pass(), *[b for _, b in zip(range(5), s.batches())]]  # noqa: E731
+    for a, b in zip(take(ours), take(theirs), strict=True):
         assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.index, b.index)
 
 
 def test_a_resumed_stream_continues_where_the_run_stopped():
-    whole = _streams(200, 16, 2)[1]
-    resumed = _streams(200, 16, 2)[1]
+    whole, resumed = _streams(200, 16, 2)[1], _streams(200, 16, 2)[1]
     resumed.start_step = 7
-    assert torch.equal(next(resumed.batches()).index, _take(whole.batches(), 8)[-1].index)
+    assert torch.equal(next(resumed.batches()).index, [b for _, b in zip(range(8), whole.batches())][-1].index)
 
 
-def _take(iterator, k):
-    return [next(iterator) for _ in range(k)]
+def test_global_batches_are_full_and_wrap_into_the_next_pass():
+    batches = [b for _, b in zip(range(4), global_batches(10, 4, seed=0))]
+    assert all(len(b) == 4 for b in batches)
+    assert len(set(np.concatenate(batches[:2]).tolist())) == 8  # one pass before repeating a row
+    assert len(share_of(np.arange(5), 2, 0)) == 3 and len(share_of(np.arange(5), 2, 1)) == 2
+    assert sorted(split_order(10, 3).tolist()) == list(range(10))
 
 
-# --- Ray runs ---------------------------------------------------------------------------------------------
+# --- the queue (no Ray) -------------------------------------------------------------------------------------
+def test_the_queue_waits_for_the_original_and_gives_a_restarted_group_its_own_run():
+    queue = RunQueue([{"label": "original", "role": "original"}, {"label": "retrain", "role": "method"},
+                      {"label": "ga", "role": "method"}], base_ready=False)
+    assert queue.next(0) == 0  # group 0 trains the original ...
+    assert queue.next(1) == WAIT  # ... while group 1 waits for it
+    queue.set_base({"w": torch.zeros(1)})
+    queue.done(0, {"path": "x"})
+    assert queue.next(1) == 1 and queue.next(0) == 2
+    assert queue.next(1) == 1  # group 1 restarted: it gets back the run it was doing
+    queue.done(1, {"path": "y"})
+    assert queue.next(1) is None and [i for i, _ in queue.take_finished()] == [0, 1]
+
+
+def test_a_failed_run_does_not_use_up_the_groups_restarts_but_lost_workers_do():
+    queue = RunQueue([{"label": "a", "role": "method"}, {"label": "b", "role": "method"}], base_ready=True)
+    assert queue.start_group(0, max_failures=1)
+    assert queue.next(0) == 0
+    queue.failed(0, {"error": "DivergedError", "message": "nan"})
+    assert queue.start_group(0, max_failures=1)  # restarted because a run failed: free
+    assert queue.next(0) == 1
+    assert queue.start_group(0, max_failures=1)  # one lost worker: allowed
+    assert not queue.start_group(0, max_failures=1)  # a second: the group gives up, its run is recorded failed
+    assert queue.finished[1]["error"]["error"] == "WorkerGroupFailed"
+
+
+# --- jobs --------------------------------------------------------------------------------------------------
 @dataclass
 class Digits:
     work: Path
@@ -117,128 +147,253 @@ class Digits:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Digits:
-    """The quickstart's data and its original model (trained in process once, cached for the jobs below).
-
-    In-process runs here use one thread, like each Ray worker: on a small shared machine a two-thread
-    torch team slows down many times over whenever another process holds a core.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """The quickstart's data and its original model (trained in process once, cached for the jobs below)."""
     work = tmp_path_factory.mktemp("engine")
-    spec = spec_mod.load(ROOT / "jobs" / "quickstart.yaml", [f"cache_dir={work / 'cache'}", "ray.enabled=false"])
+    spec = spec_mod.load(ROOT / "jobs" / "quickstart.yaml", [f"cache_dir={work / 'cache'}", "ray.enabled=false",
+                                                            "tracking.enabled=false"])
     prep = prepare(spec)
     state, _ = original_model(spec, prep.splits, prep.input_shape, LocalExecutor("cpu"), prep.task)
-    yield Digits(work, spec, prep, state)
-    torch.set_num_threads(threads)
+    return Digits(work, spec, prep, state)
 
 
-def in_process(request: RunRequest, capture: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
-    """One worker, no Ray: the run's final weights and the named method attributes at its end."""
-    batch = build_method(request.method, request.params).params.batch_size
-    streams = [loop.ArrayStream(s.x, s.y, batch, seed=request.seed + k, index=s.index)
-               for k, s in enumerate((request.forget, request.retain))]
-    captured: dict = {}
+def _job(digits: Digits, methods: list[dict], **ray) -> spec_mod.JobSpec:
+    data = digits.spec.model_dump(mode="json")
+    data.update(methods=methods, ray={**data["ray"], **ray})
+    return spec_mod.validate(data)
 
-    def on_epoch(summary, ctx, method):
-        captured.update({name: getattr(method, name) for name in capture if hasattr(method, name)})
 
-    module, _ = execute(request, *streams, on_epoch=on_epoch, verbose=False)
-    return module.state_dict(), captured
+def test_a_diverging_method_is_recorded_as_failed_while_the_others_finish_and_are_written(digits, tmp_path):
+    data = _job(digits, [{"name": "ga", "params": {"steps": 300, "lr": 10.0}}, {"name": "ft", "params": {"steps": 10}}])
+    data = data.model_copy(update={"tracking": data.tracking.model_copy(
+        update={"enabled": True, "uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})})
+    (tmp_path / "job.yaml").write_text(spec_mod.dump(data))
+    codes: list[int] = []
+    cli.main(["run", str(tmp_path / "job.yaml"), "--out", str(tmp_path / "out")], exit=codes.append)
+    assert codes == [1]  # the job reports the failure in its exit code ...
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["failed"] == ["ga"]
+    assert "forget_loss became nan" in results["methods"]["ga"]["error"]
+    assert results["methods"]["ft"]["RA"] > 90  # ... after every other run finished and was written
+    client = MlflowClient(results["mlflow"]["tracking_uri"])
+    assert client.get_run(results["mlflow"]["runs"]["ga"]).info.status == "FAILED"
+    assert client.get_run(results["mlflow"]["runs"]["ft"]).info.status == "FINISHED"
+
+
+def _synthetic_cnn(tmp: Path) -> tuple[Prepared, dict[str, torch.Tensor]]:
+    """A small BatchNorm cnn on the synthetic set, its original trained in process."""
+    spec = spec_mod.validate({
+        "name": "bn-equivalence", "dataset": {"name": "synthetic", "num_train": 480, "num_test": 120, "image_size": 16},
+        "model": {"name": "cnn", "channels": [8, 16]}, "train": {"epochs": 2, "batch_size": 32},
+        "forget": {"kind": "class", "classes": [5]}, "methods": [{"name": "ft"}],
+        "ray": {"enabled": False}, "tracking": {"enabled": False}, "cache_dir": str(tmp / "cache")})
+    prep = prepare(spec)
+    state, _ = original_model(spec, prep.splits, prep.input_shape, LocalExecutor("cpu"), prep.task)
+    return prep, state
+
+
+def _final_states(executor, prep: Prepared, state, requests) -> dict[str, dict[str, torch.Tensor]]:
+    job = GroupJob(requests=requests, base_state=state, seed=prep.spec.seed)
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    executor.run_queue(job, lambda index, out: states.__setitem__(out.label, out.state if out.error is None else out.error))
+    return states
 
 
 @pytest.mark.ray
-def test_one_worker_run_reproduces_the_in_process_run(ray_session, digits):
-    request = digits.request("ft", steps=30)
-    out = RayExecutor(RaySpec(num_workers=1)).run(request)
-    local = LocalExecutor("cpu").run(request, verbose=False)
-    for name, value in local.state.items():
-        torch.testing.assert_close(out.state[name], value, rtol=1e-5, atol=1e-6)
-    assert [r["step"] for r in out.history] == list(range(30))
-    assert out.seconds > 0 and out.wall_seconds > out.seconds and out.resumed_from_step == 0
+def test_every_classification_method_takes_the_same_20_steps_on_two_workers_as_in_one_process(ray_session, tmp_path):
+    prep, state = _synthetic_cnn(tmp_path)
+    common = {"steps": 20, "batch_size": 32}
+    methods = sorted(n for n, cls in REGISTRY.items() if "classification" in cls.tasks)
+    own = {"iu": {"steps": 1}}  # IU is one influence step (twenty would diverge, in process too)
+    requests = [request_for(prep, MethodSpec(name=name, params={**common, **own.get(name, {})}), None)
+                for name in methods]
+    requests.append(request_for(prep, MethodSpec(name="ft", label="ft-odd-batch", params={"steps": 20, "batch_size": 33}),
+                                None))  # slices of 17 and 16 rows: share-weighted gradients
+    torch.set_num_threads(1)
+    one = _final_states(LocalExecutor("cpu"), prep, state, requests)
+    two = _final_states(RayExecutor(RaySpec(num_workers=2)), prep, state, requests)
+    assert set(two) == set(one) == {r.label for r in requests}
+    for label, weights in one.items():
+        assert isinstance(two[label], dict), (label, two[label])
+        for name, value in weights.items():
+            torch.testing.assert_close(two[label][name], value, rtol=1e-4, atol=1e-5,
+                                       msg=lambda text, label=label, name=name: f"{label}: {name}: {text}")
+
+
+def _kill_when_running(storage_root: Path, label: str, after_s: float, stop: threading.Event) -> dict:
+    """Watch the attempt records; `after_s` seconds after `label` started, SIGKILL its rank-1 worker process."""
+    seen: dict = {}
+    while not stop.is_set():
+        for folder in storage_root.glob("*/attempts"):
+            starts = [r for r in AttemptLog.read(str(folder.parent)) if r["label"] == label and r["rank"] == 1]
+            if starts:
+                time.sleep(after_s)
+                os.kill(starts[0]["pid"], signal.SIGKILL)
+                seen.update(starts[0])
+                return seen
+        time.sleep(0.2)
+    return seen
 
 
 @pytest.mark.ray
-def test_sfr_on_saliency_mask_on_two_workers_equals_one_worker(ray_session, digits):
-    request = digits.request("sfr_on", steps=2)
-    executor = RayExecutor(RaySpec(num_workers=2), capture=("mask",))
-    executor.run(request)
-    two = executor.captured["sfr_on"]["mask"]
-    _, one = in_process(request, ("mask",))
-    assert two.keys() == one["mask"].keys()
-    for name, mask in one["mask"].items():
-        assert torch.equal(two[name], mask), name
-    assert 0 < sum(m.sum().item() for m in two.values()) < sum(m.numel() for m in two.values())
+def test_a_worker_killed_in_the_third_method_resumes_it_and_the_job_matches_an_uninterrupted_run(
+        ray_session, digits, tmp_path, monkeypatch):
+    methods = [{"name": "ft", "params": {"steps": 20}}, {"name": "ga", "params": {"steps": 20}},
+               {"name": "ft", "label": "ft-long", "params": {"steps": 600}}, {"name": "delete"}]
+    reference = run_job(_job(digits, methods), tmp_path / "local")  # in process: the same steps, uninterrupted
+    monkeypatch.setenv("UNLEARN_REPORT_EVERY_S", "0")  # a checkpoint every epoch
+    storage = tmp_path / "storage"
+    spec = _job(digits, methods, enabled=True, num_workers=2, max_failures=1, storage=str(storage))
+    stop = threading.Event()
+    killed: dict = {}
+    watcher = threading.Thread(target=lambda: killed.update(_kill_when_running(storage, "ft-long", 6.0, stop)))
+    watcher.start()
+    try:
+        results = run_job(spec, tmp_path / "ray")
+    finally:
+        stop.set()
+        watcher.join()
+    assert killed, "the worker was never killed"
+    records = [r for folder in storage.glob("*/attempts") for r in AttemptLog.read(str(folder.parent)) if r["rank"] == 0]
+    starts = {label: [r["step"] for r in records if r["label"] == label] for label in ("original", "ft", "ga", "ft-long")}
+    assert starts["ft"] == [0] and starts["ga"] == [0]  # finished methods were not run again
+    assert len(starts["ft-long"]) == 2 and starts["ft-long"][0] == 0 and starts["ft-long"][1] > 0  # resumed mid-run
+    assert results["engine"]["runs"]["ft-long"]["starts"] == 2
+    assert results["engine"]["train_runs"] == 1 and not results["failed"]
+    for label in ("ft", "ga", "ft-long", "delete"):
+        for key in ("FA", "RA", "TA", "MIA"):
+            assert abs(results["methods"][label][key] - reference["methods"][label][key]) <= 0.5, (label, key)
 
 
 @pytest.mark.ray
-def test_tarf_threshold_on_two_workers_equals_one_worker(ray_session, digits):
-    """A global batch of the whole forget set (twice on one worker, once per worker on two) makes phase I
-    identical on both, so the scores at t1 and the threshold over all shards must match."""
+def test_the_quickstart_on_ray_agrees_with_the_in_process_run_in_one_train_run(ray_session, digits, tmp_path):
+    methods = [{"name": "retrain"}, {"name": "ga", "params": {"steps": 30}}, {"name": "sfr_on", "params": {"steps": 40}}]
+    local = run_job(_job(digits, methods), tmp_path / "local")
+    ray_results = run_job(_job(digits, methods, enabled=True, num_workers=2), tmp_path / "ray")
+    assert ray_results["engine"] | {"wall_seconds": 0, "runs": 0} == {
+        "executor": "ray", "worker_groups": 1, "train_runs": 1, "wall_seconds": 0, "groups_shared_cpus": False, "runs": 0}
+    for name, metrics in local["methods"].items():
+        for key in ("FA", "RA", "TA", "MIA", "gap"):
+            assert ray_results["methods"][name][key] == pytest.approx(metrics[key], abs=0.5), (name, key)
+
+
+def _tuned(tmp: Path, digits: Digits, method: str, params: dict, capture: tuple[str, ...]) -> dict:
+    """One-trial engine search of `method` at `params` (a one-value space): the trial's captured attributes."""
+    from unlearn.tuning import run_tune
+    from unlearn.worker import read_result
+
+    data = digits.spec.model_dump(mode="json")
+    space = {k: {"kind": "choice", "values": [v]} for k, v in params.items() if k in ("gamma", "beta_quantile")}
+    fixed = {k: v for k, v in params.items() if k not in space}
+    data.update(methods=[{"name": method, "params": fixed}], ray={"enabled": True, "num_workers": 2},
+                tune={"space": space, "num_samples": 1, "metric": "proxy", "reports": 1, "scheduler": "fifo",
+                      "search": "random"})
+    out = tmp / f"tune-{method}"
+    result = run_tune(spec_mod.validate(data), method=method, out_dir=out, capture=capture)
+    [trial] = result["trials"]
+    return read_result(str(next((out / "trials" / trial["trial_id"] / "results").glob("*.pt"))))["captured"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tune_on_ray_and_run_on_ray_compute_the_same_saliency_mask_and_tarf_threshold(ray_session, digits, tmp_path):
     n_forget = len(digits.prep.splits.forget)
-    request = digits.request("tarf", steps=4, batch_size=2 * n_forget, t1_epochs=0.6)
-    executor = RayExecutor(RaySpec(num_workers=2), capture=("threshold", "tau"))
-    executor.run(request)
-    two = executor.captured["tarf"]
-    _, one = in_process(request, ("threshold", "tau"))
-    assert one["threshold"] is not None and one["threshold"] > 0
-    assert two["threshold"] == pytest.approx(one["threshold"], rel=1e-5)
-    assert torch.equal(two["tau"], one["tau"].cpu())
+    sfr = {"steps": 2, "gamma": 1.0}
+    tarf = {"steps": 4, "batch_size": 2 * n_forget, "t1_epochs": 0.6, "beta_quantile": 0.1}
+    executor = RayExecutor(RaySpec(num_workers=2), capture=("mask", "threshold", "tau"))
+    request_sfr, request_tarf = digits.request("sfr_on", **sfr), digits.request("tarf", **tarf)
+    job = GroupJob(requests=[request_sfr, request_tarf], base_state=digits.state)
+    executor.run_queue(job, lambda index, out: None)
+    tuned_mask = _tuned(tmp_path, digits, "sfr_on", sfr, ("mask",))["mask"]
+    tuned_tarf = _tuned(tmp_path, digits, "tarf", tarf, ("threshold", "tau"))
+    run_mask = executor.captured["sfr_on"]["mask"]
+    assert tuned_mask.keys() == run_mask.keys()
+    for name, mask in run_mask.items():
+        assert torch.equal(tuned_mask[name], mask), name
+    assert executor.captured["tarf"]["threshold"] == pytest.approx(tuned_tarf["threshold"], rel=1e-6)
+    assert torch.equal(executor.captured["tarf"]["tau"], tuned_tarf["tau"])
 
 
 @pytest.mark.ray
-def test_delete_on_two_workers_lands_within_two_points_of_one_worker(ray_session, digits):
-    request = digits.request("delete")
-    evaluator = build_evaluator(digits.prep.task, digits.prep.splits, digits.spec, digits.prep.dataset)
-    scores = {}
-    for workers, state in (("two", RayExecutor(RaySpec(num_workers=2)).run(request).state),
-                           ("one", in_process(request)[0])):
-        model = new_model(request)
-        model.load_state_dict(state)
-        scores[workers] = evaluator.evaluate(model)[0]
-    assert scores["one"]["FA"] < 10  # DELETE forgets on one worker ...
-    for key in ("FA", "RA", "TA"):
-        assert abs(scores["two"][key] - scores["one"][key]) <= 2.0, (key, scores)
+@pytest.mark.slow
+def test_a_tune_trial_survives_a_killed_worker(ray_session, digits, tmp_path, monkeypatch):
+    from unlearn.tuning import run_tune
 
-
-@pytest.mark.ray
-def test_a_forget_set_smaller_than_the_workers_and_the_batch_still_runs(ray_session, digits):
-    request = digits.request("ga", steps=3)
-    one_row = Split(*(a[:1] for a in (request.forget.x, request.forget.y, request.forget.index)))
-    out = RayExecutor(RaySpec(num_workers=2)).run(replace(request, forget=one_row))
-    assert [r["step"] for r in out.history] == [0, 1, 2]
-    assert all(np.isfinite(r["forget_loss"]) for r in out.history)
-
-
-@pytest.mark.ray
-def test_a_killed_worker_resumes_from_its_checkpoint_and_the_job_finishes(ray_session, digits, tmp_path, monkeypatch):
-    """Worker 1 exits at step 45 of 80 (ft on digits: 19 steps an epoch, a checkpoint every epoch here);
-    the restarted group resumes from the step-38 checkpoint and MLflow records it."""
-    monkeypatch.setenv("UNLEARN_REPORT_EVERY_S", "0")
-    monkeypatch.setenv("UNLEARN_FAIL_AT_STEP", "45")
+    monkeypatch.setenv("UNLEARN_FAIL_AT_STEP", "60")
     monkeypatch.setenv("UNLEARN_FAIL_MARKER", str(tmp_path / "failed-once"))
-    monkeypatch.setenv("UNLEARN_FAIL_DELAY_S", "4")
-    spec = digits.spec.model_copy(update={
-        "methods": [MethodSpec(name="ft", params={"steps": 80})],
-        "ray": RaySpec(enabled=True, num_workers=2, max_failures=1),
-        "tracking": digits.spec.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path / 'mlruns.db'}"}),
-    })
-    results = run_job(spec, tmp_path / "out")
-    assert (tmp_path / "failed-once").exists()  # the failure did happen
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["ft"]["RA"] > 90
-    run = MlflowClient(results["mlflow"]["tracking_uri"]).get_run(results["mlflow"]["runs"]["ft"])
-    assert run.data.tags["unlearn.resumed_from_step"] == "38"
-    assert run.data.metrics["restarts"] == 1
+    monkeypatch.setenv("UNLEARN_FAIL_DELAY_S", "3")
+    data = digits.spec.model_dump(mode="json")
+    data.update(methods=[{"name": "ft", "params": {"steps": 150}}], ray={"enabled": True, "num_workers": 2},
+                tune={"space": {"lr": {"kind": "choice", "values": [0.01]}}, "num_samples": 1, "metric": "proxy",
+                      "reports": 5, "scheduler": "fifo", "search": "random"})
+    result = run_tune(spec_mod.validate(data), method="ft", out_dir=tmp_path / "tune")
+    assert (tmp_path / "failed-once").exists()  # the worker did die
+    [trial] = result["trials"]
+    assert trial["status"] == "completed" and trial["metrics"]["RA"] > 90
+    records = AttemptLog.read(str(tmp_path / "tune" / "trials" / trial["trial_id"]))
+    assert sorted(r["step"] > 0 for r in records if r["rank"] == 0) == [False, True]  # resumed from a checkpoint
 
 
 @pytest.mark.ray
-def test_a_diverging_run_on_two_workers_fails_with_its_error_instead_of_hanging_or_retrying(ray_session, digits):
-    """A worker whose loss turns NaN must not leave the other waiting in a collective; the run ends with the
-    same DivergedError as in process (after one group restart that ends at once), not with retries."""
-    request = digits.request("ga", steps=300, lr=10.0)
-    with pytest.raises(DivergedError, match="forget_loss became nan"):
-        LocalExecutor("cpu").run(request, verbose=False)
-    with pytest.raises(DivergedError, match="forget_loss became nan"):
-        RayExecutor(RaySpec(num_workers=2, max_failures=2)).run(request)
+@pytest.mark.slow
+def test_two_worker_groups_on_a_started_head_overlap_and_match_one_group(digits, tmp_path):
+    """`ray start --head --num-cpus 4`: two groups of two workers run methods at the same time."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    gcs = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
+                             "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
+                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_gcs(gcs, timeout_s=90)
+        methods = [{"name": "ft", "params": {"steps": 150}}, {"name": "ga", "params": {"steps": 150}},
+                   {"name": "delete"}, {"name": "tarf", "params": {"steps": 150}}]
+        results = {}
+        for groups in (1, 2):
+            storage = tmp_path / f"storage-{groups}"
+            spec = _job(digits, methods, enabled=True, num_workers=2, groups=groups, address=f"127.0.0.1:{gcs}",
+                        storage=str(storage))
+            env = {**os.environ, "RAY_AUTH_MODE": "token"}
+            (tmp_path / f"job-{groups}.yaml").write_text(spec_mod.dump(spec))
+            proc = subprocess.run([str(BIN / "unlearn"), "run", str(tmp_path / f"job-{groups}.yaml"), "--out",
+                                   str(tmp_path / f"out-{groups}")], capture_output=True, text=True, timeout=500,
+                                  env=env, cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            results[groups] = json.loads((tmp_path / f"out-{groups}" / "results.json").read_text())
+            results[groups]["records"] = [r for f in storage.glob("*/attempts") for r in AttemptLog.read(str(f.parent))
+                                          if r["rank"] == 0]
+        two = results[2]
+        assert two["engine"]["worker_groups"] == 2 and two["engine"]["train_runs"] == 2
+        assert {r["group"] for r in two["records"]} == {0, 1}
+        spans = {}
+        for label in ("ft", "ga", "delete", "tarf"):
+            start = next(r["time"] for r in two["records"] if r["label"] == label)
+            spans[label] = (start, start + two["methods"][label]["seconds"])
+        by_group = {g: [r["label"] for r in two["records"] if r["group"] == g] for g in (0, 1)}
+        overlap = any(a[0] < b[1] and b[0] < a[1] for x in by_group[0] for y in by_group[1]
+                      for a, b in [(spans[x], spans[y])])
+        assert overlap, spans  # the groups ran methods at the same time
+        for label in ("ft", "ga", "delete", "tarf"):
+            for key in ("FA", "RA", "TA", "MIA"):
+                assert two["methods"][label][key] == pytest.approx(results[1]["methods"][label][key], abs=1e-6)
+    finally:
+        _end_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_gcs(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            time.sleep(3)  # the node registers shortly after the GCS answers
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 @pytest.mark.ray
@@ -253,23 +408,6 @@ def test_an_unreachable_address_fails_with_one_line_and_exit_2_quickly(tmp_path)
     assert proc.stderr.startswith("error: cannot reach Ray cluster at 198.51.100.7:6379"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_an_fsdp_run_killed_midway_ends_with_the_weights_of_an_uninterrupted_ddp_run(ray_session, digits, tmp_path,
-                                                                                       monkeypatch):
-    """FSDP shards the model; a checkpoint gathers it, a restart resumes model, optimizer shards, schedule and
-    the data order, so the result equals an uninterrupted run."""
-    request = digits.request("ft", steps=40)
-    reference = RayExecutor(RaySpec(num_workers=2)).run(request)
-    monkeypatch.setenv("UNLEARN_REPORT_EVERY_S", "0")
-    monkeypatch.setenv("UNLEARN_FAIL_AT_STEP", "25")
-    monkeypatch.setenv("UNLEARN_FAIL_MARKER", str(tmp_path / "failed-once"))
-    monkeypatch.setenv("UNLEARN_FAIL_DELAY_S", "3")
-    out = RayExecutor(RaySpec(num_workers=2, strategy="fsdp", max_failures=1)).run(request)
-    assert (out.resumed_from_step, out.restarts) == (19, 1)
-    for name, value in reference.state.items():
-        torch.testing.assert_close(out.state[name], value, rtol=1e-5, atol=1e-6)
 
 
 def _free_port() -> int:

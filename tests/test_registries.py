@@ -19,8 +19,8 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from unlearn import spec as spec_mod
 from unlearn import batch
+from unlearn import spec as spec_mod
 from unlearn.data import DATASETS, ImageDataset, load_dataset
 from unlearn.data.scenarios import make_splits
 from unlearn.errors import SpecError

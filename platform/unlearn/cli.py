@@ -22,7 +22,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from unlearn.job import run_job
 
     spec = spec_mod.load(args.job, args.set)
-    run_job(spec, Path(args.out) if args.out else None)
+    results = run_job(spec, Path(args.out) if args.out else None)
+    if results["failed"]:  # every other run finished and is written; say which did not
+        print(f"failed runs: {', '.join(results['failed'])} (see results.json)", file=sys.stderr)
+        return 1
     return 0
 
 

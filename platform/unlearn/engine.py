@@ -19,7 +19,7 @@ A run that fails by itself (a NaN loss, a bad parameter) is recorded as failed a
 
 Steps are exact for any worker count: every worker takes its slice of the same global batch (shards.py),
 BatchNorm statistics are reduced over the workers (norm_sync.py), and when the slices differ in size (N
-does not divide the batch) DDP's average is replaced by a share-weighted sum, so a run on N workers
+does not divide the batch) each worker's loss is weighted by its share, so a run on N workers
 differs from one process only by floating-point reduction order.
 """
 
@@ -237,7 +237,7 @@ class Wrapper:
 
     DDP does not sync buffers in forward passes (a forward is then collective-free, so whole-set passes
     may run a different number of batches per worker). When the workers' slices of a batch differ in
-    size, gradients are summed weighted by each slice's share instead of averaged. Ray's prepare_model
+    size, each worker's loss is weighted by its slice's share (through its output's gradient). Ray's prepare_model
     allows FSDP on GPUs only; on CPU workers the engine wraps with torch's FullyShardedDataParallel (gloo).
     """
 
@@ -256,21 +256,23 @@ class Wrapper:
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             return FullyShardedDataParallel(module, use_orig_params=True, device_id=self.device)
-        kwargs = {"forward_sync_buffers": False} if self.strategy == "ddp" else {"use_orig_params": True}
-        model = ray.train.torch.prepare_model(module, move_to_device=self.device, parallel_strategy=self.strategy,
-                                              parallel_strategy_kwargs=kwargs)
         batch = request.params.batch_size
-        if self.strategy == "ddp" and world > 1 and batch % world:
-            model.register_comm_hook(share_fraction(batch, world, self.comm.rank), _share_weighted_sum)
-        return model
+        if world > 1 and batch % world:
+            _weight_by_share(module, world * share_fraction(batch, world, self.comm.rank))
+        kwargs = {"forward_sync_buffers": False} if self.strategy == "ddp" else {"use_orig_params": True}
+        return ray.train.torch.prepare_model(module, move_to_device=self.device, parallel_strategy=self.strategy,
+                                             parallel_strategy_kwargs=kwargs)
 
 
-def _share_weighted_sum(share: float, bucket: Any) -> Any:
-    """DDP comm hook: Σ_r share_r · g_r (the whole batch's mean gradient when slices differ in size)."""
-    import torch.distributed as dist
+def _weight_by_share(module: torch.nn.Module, scale: float) -> None:
+    """Scale every gradient that flows back into the model's output by N · share: DDP's average is then the
+    whole batch's mean, also through BatchNorm statistics reduced over the workers (a gradient-side scale
+    would miss those)."""
+    def hook(_module, _inputs, output):
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda grad: grad * scale)
 
-    tensor = bucket.buffer().mul_(share)
-    return dist.all_reduce(tensor, async_op=True).get_future().then(lambda fut: fut.value()[0])
+    module.register_forward_hook(hook)
 
 
 class GroupReporter:

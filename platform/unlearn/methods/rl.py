@@ -9,10 +9,23 @@ from unlearn.methods.base import Batch, Context, Method
 from unlearn.params import MethodParams, hparam, loguniform, uniform
 
 
-def random_other_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """A uniformly drawn label different from each sample's own."""
-    offset = torch.randint(1, num_classes, y.shape, device=y.device)
-    return (y + offset) % num_classes
+def random_other_labels(y: torch.Tensor, num_classes: int, index: torch.Tensor, salt: int) -> torch.Tensor:
+    """A uniformly drawn label different from each sample's own.
+
+    Drawn from a hash of (the sample's row id, `salt`) rather than a global generator, so a sample gets
+    the same label whichever worker holds it: N workers relabel exactly as one process does.
+    """
+    offset = 1 + _hash(index.to(torch.int64), salt) % max(num_classes - 1, 1)
+    return (y + offset.to(y.device)) % num_classes
+
+
+def _hash(values: torch.Tensor, salt: int) -> torch.Tensor:
+    """A non-negative pseudo-random int64 per value (a 32-bit integer mix: multiply, xor-shift)."""
+    mask = 0xFFFFFFFF
+    x = (values * 0x9E3779B1 + salt * 0x85EBCA77 + 0x27D4EB2F) & mask
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & mask
+    x = ((x ^ (x >> 16)) * 0x045D9F3B) & mask
+    return x ^ (x >> 16)
 
 
 def random_label_loss(ctx: Context, forget: Batch, retain: Batch, retain_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -22,7 +35,7 @@ def random_label_loss(ctx: Context, forget: Batch, retain: Batch, retain_weight:
     prediction under the forgotten label is pulled to the detached prediction under the wrong label, so the
     forgotten label learns to draw another class.
     """
-    wrong = random_other_labels(forget.y, ctx.num_classes)
+    wrong = random_other_labels(forget.y, ctx.num_classes, forget.index, salt=ctx.seed * 1_000_003 + ctx.step)
     forget_loss = ctx.relabel_loss(ctx.model, forget, wrong).mean()
     retain_loss = ctx.loss(ctx.model, retain).mean()
     return forget_loss + retain_weight * retain_loss, {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()}

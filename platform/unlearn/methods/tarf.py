@@ -140,7 +140,9 @@ class TARF(Method):
                 identified = retain_losses[weights == 0]
                 forget_losses = torch.cat([forget_losses, identified])
                 logged["identified"] = float(len(identified))
-            forget_loss = forget_losses.mean()
+            # the mean over the whole global batch: shares hold different numbers of identified samples
+            count = ctx.comm.all_reduce(torch.tensor([float(len(forget_losses))], device=ctx.device))
+            forget_loss = forget_losses.sum() * ctx.comm.world_size / count.clamp(min=1.0)[0]
             loss = loss - k * forget_loss
             logged["forget_loss"] = forget_loss.item()
         if loss.requires_grad:  # no term is active only between t0 and t1 when t1 > t0: every worker skips alike

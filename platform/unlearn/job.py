@@ -20,7 +20,7 @@ import torch
 from unlearn import plots
 from unlearn.atomic import write_json_atomic
 from unlearn.data import load_dataset
-from unlearn.data.scenarios import Splits, make_splits
+from unlearn.data.scenarios import SPLIT_NAMES, Splits, SplitsRecipe, make_splits
 from unlearn.errors import BadInput, SpecError
 from unlearn.evaluation import build_evaluator
 from unlearn.execution import Executor, LocalExecutor, RunOutput, RunRequest, new_model
@@ -120,9 +120,13 @@ def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
         first[0] = replace(first[0], role="evaluate")
     entries = sorted(zip(spec.methods, prep.methods), key=lambda pair: not pair[1].reference)
     requests = first + [request_for(prep, entry, None, method) for entry, method in entries]
+    # The job names its splits; workers rebuild them from the recipe (what is shipped does not grow with the data).
+    names = {id(getattr(splits, name)): name for name in SPLIT_NAMES}
+    requests = [replace(r, forget="empty" if r.role == "evaluate" or not len(r.forget) else names[id(r.forget)],
+                        retain="empty" if r.role == "evaluate" else names[id(r.retain)]) for r in requests]
     worker_side = prep.task == "classification"
-    eval_splits = {"target": splits.target, "retain": splits.retain, "test": splits.test} if worker_side else None
-    job = GroupJob(requests=requests, base_state=base, eval_splits=eval_splits, mia=spec.eval.mia, seed=spec.seed)
+    job = GroupJob(requests=requests, base_state=base, eval_splits=("target", "retain", "test") if worker_side else None,
+                   mia=spec.eval.mia, seed=spec.seed, splits_recipe=SplitsRecipe(prep.dataset, spec.forget, spec.seed))
     return job, info
 
 

@@ -69,12 +69,17 @@ def owned_chunks(n: int, batch_size: int, world: int, rank: int) -> list[np.ndar
 
 
 class RowCache:
-    """The images of a split's rows that this worker has read, by position in the split (read on demand)."""
+    """The images of a split's rows that this worker has read, by position in the split (read on demand).
+
+    Rows are appended to one buffer that grows geometrically, so reading a split batch by batch costs
+    linear time and at most twice the rows held.
+    """
 
     def __init__(self, source: RowSource, row_ids: np.ndarray) -> None:
         self.source, self.row_ids = source, np.asarray(row_ids)
         self.slot = np.full(len(self.row_ids), -1, dtype=np.int64)
-        self.x: np.ndarray | None = None
+        self.buffer: np.ndarray | None = None
+        self.rows_held = 0
 
     def ensure(self, positions: np.ndarray) -> None:
         """Read the rows at `positions` not read yet, in one call to the source."""
@@ -84,19 +89,22 @@ class RowCache:
         if len(missing) == 0:
             return
         new = np.asarray(self.source.read(self.row_ids[missing]), dtype=np.float32)
-        start = 0 if self.x is None else len(self.x)
-        self.x = new if self.x is None else np.concatenate([self.x, new])
-        self.slot[missing] = np.arange(start, start + len(missing))
+        end = self.rows_held + len(new)
+        if self.buffer is None or end > len(self.buffer):
+            grown = np.empty((max(end, 2 * (0 if self.buffer is None else len(self.buffer))), *new.shape[1:]),
+                             dtype=np.float32)
+            if self.buffer is not None:
+                grown[:self.rows_held] = self.buffer[:self.rows_held]
+            self.buffer = grown
+        self.buffer[self.rows_held:end] = new
+        self.slot[missing] = np.arange(self.rows_held, end)
+        self.rows_held = end
 
     def take(self, positions: np.ndarray) -> torch.Tensor:
         self.ensure(positions)
-        if self.x is None:  # nothing read: an empty batch of unknown image shape
+        if self.buffer is None:  # nothing read: an empty batch of unknown image shape
             return torch.zeros((0,))
-        return torch.from_numpy(self.x[self.slot[positions]])
-
-    @property
-    def rows_held(self) -> int:
-        return 0 if self.x is None else len(self.x)
+        return torch.from_numpy(self.buffer[self.slot[positions]])
 
 
 class ShareStream:
@@ -132,7 +140,10 @@ class ShareStream:
                 yield self._batch(share_of(batch, self.world, self.rank))
 
     def one_pass(self) -> Iterator[Batch]:
-        for chunk in owned_chunks(self.size, self.batch_size, self.world, self.rank):
+        chunks = owned_chunks(self.size, self.batch_size, self.world, self.rank)
+        if chunks:
+            self.cache.ensure(self.order[np.concatenate(chunks)])  # one read for the whole pass
+        for chunk in chunks:
             yield self._batch(chunk)
 
 

@@ -37,7 +37,7 @@ WAIT = -1  # `next` answer: the base model is not trained yet
 class GroupJob:
     """Everything a group's workers need, sent once (splits travel without images)."""
 
-    requests: list[RunRequest]
+    requests: list[RunRequest]  # forget/retain: Split objects, or split names resolved from `splits_recipe`
     base_state: Any = None  # the original's weights (a dict, or an object-store reference on Ray); None: in the queue
     eval_splits: dict[str, Any] | None = None  # target / retain / test: worker-side classification evaluation
     mia: bool = True
@@ -45,6 +45,19 @@ class GroupJob:
     storage: str = ""  # folder (or URI) the results are written to
     capture: tuple[str, ...] = ()
     epoch_metrics: Any = None  # optional: `due(summary)` and `metrics(evaluator, ctx)` for Tune reports
+    splits_recipe: Any = None  # data.scenarios.SplitsRecipe: workers rebuild the splits the requests name
+
+    def resolved(self) -> "GroupJob":
+        """The job with every split name replaced by the split (rebuilt here from the recipe)."""
+        if self.splits_recipe is None:
+            return self
+        split = self.splits_recipe.split
+        requests = [replace(r, forget=split(r.forget) if isinstance(r.forget, str) else r.forget,
+                            retain=split(r.retain) if isinstance(r.retain, str) else r.retain) for r in self.requests]
+        evaluation = self.eval_splits
+        if isinstance(evaluation, (tuple, list)):
+            evaluation = {name: split(name) for name in evaluation}
+        return replace(self, requests=requests, eval_splits=evaluation, splits_recipe=None)
 
 
 class RunQueue:
@@ -149,6 +162,7 @@ def serve(job: GroupJob, queue: Any, env: WorkerEnv) -> None:
     if not env.agree(env.call(queue, "start_group", env.group, env.max_failures) if env.rank == 0 else None):
         return  # restarted too often: its run is recorded as failed, the other groups go on
     caches: dict[int, RowCache] = {}
+    job = job.resolved()
     base = _resolve(job.base_state)
     while True:
         index = env.agree(env.call(queue, "next", env.group) if env.rank == 0 else None)

@@ -109,6 +109,34 @@ class Splits:
                 "remain": len(self.remain), "target": len(self.target)}
 
 
+class SplitsRecipe:
+    """How to rebuild a job's splits (dataset, forget spec, seed): what travels to workers instead of the
+    splits' row ids, so the job a driver ships does not grow with the dataset. `make_splits` is
+    deterministic, so every worker rebuilds exactly the driver's splits (from the store's labels)."""
+
+    def __init__(self, dataset: Any, forget: ForgetSpec, seed: int) -> None:
+        self.dataset, self.forget, self.seed = dataset, forget, seed
+        self._splits: Splits | None = None
+
+    def splits(self) -> "Splits":
+        if self._splits is None:
+            self._splits = make_splits(self.dataset, self.forget, self.seed)
+        return self._splits
+
+    def split(self, name: str) -> Split:
+        """A split by name (`forget`, `remain`, `retain`, `train`, `target`, `test`, or `empty`)."""
+        splits = self.splits()
+        if name == "empty":
+            return Split(None, splits.train.y[:0], splits.train.index[:0], splits.train.rows)
+        return getattr(splits, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_splits": None}
+
+
+SPLIT_NAMES = ("forget", "remain", "retain", "train", "target", "test")
+
+
 def _take(rows: Rows, y: np.ndarray, mask: np.ndarray) -> Split:
     idx = np.flatnonzero(mask)
     return Split(None, y[idx], idx, rows)

@@ -46,6 +46,7 @@ class ShardedClassificationEvaluator:
         """(softmax outputs, labels) of this worker's rows of one split."""
         positions = self.positions[name]
         labels = torch.from_numpy(np.asarray(self.splits[name].y, dtype=np.int64)[positions])
+        self.caches[name].ensure(positions)  # one read of this worker's rows
         probs = []
         for start in range(0, len(positions), EVAL_BATCH):
             x = self.caches[name].take(positions[start:start + EVAL_BATCH]).to(self.device)

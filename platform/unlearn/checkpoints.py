@@ -101,20 +101,21 @@ def write_checkpoint(folder: str, rank: int, strategy: str, progress: dict[str, 
 
 
 class AttemptLog:
-    """One small file per run start under `<storage>/attempts/` (what restarted where, from which step)."""
+    """Small files under `<storage>/attempts/`: one per run start on each rank (what restarted where, from which
+    step) and one per checkpoint rank 0 handed to Ray Train (which step a restart can resume from)."""
 
     def __init__(self, storage: str) -> None:
         self.folder = f"{storage.rstrip('/')}/attempts"
 
     def write(self, event: dict[str, Any]) -> None:
-        name = f"{event['label']}-g{event['group']}-r{event['rank']}-{uuid.uuid4().hex[:8]}.json"
+        name = f"{event['event']}-{event['label']}-g{event['group']}-r{event['rank']}-{uuid.uuid4().hex[:8]}.json"
         write_json_atomic(event, f"{self.folder}/{name}")
 
     @staticmethod
-    def read(storage: str) -> list[dict[str, Any]]:
-        """Every record (local storage), oldest first."""
+    def read(storage: str, event: str | None = None) -> list[dict[str, Any]]:
+        """Every record (local storage) of one kind of `event` ("start", "checkpoint"; None: all), oldest first."""
         folder = os.path.join(storage, "attempts")
         if not os.path.isdir(folder):
             return []
         records = [json.loads(open(os.path.join(folder, f)).read()) for f in os.listdir(folder) if f.endswith(".json")]
-        return sorted(records, key=lambda r: r["time"])
+        return sorted((r for r in records if event is None or r["event"] == event), key=lambda r: r["time"])

@@ -184,7 +184,7 @@ def _starts(storage: str, label: str) -> int:
     """How often rank 0 started a run (local storage; 1 where the records cannot be listed)."""
     if "://" in storage:
         return 1
-    return max(1, sum(1 for r in AttemptLog.read(storage) if r["label"] == label and r["rank"] == 0))
+    return max(1, sum(1 for r in AttemptLog.read(storage, "start") if r["label"] == label and r["rank"] == 0))
 
 
 def _raise_run_error(error: dict[str, str]) -> None:
@@ -210,9 +210,9 @@ def group_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     comm = current_comm()
     checkpoint = GroupCheckpoint.restore(ray.train.get_checkpoint(), rank)
-    reporter = GroupReporter(job, config, rank, device, checkpoint.done)
-    queue = config["queue"]
     attempts = AttemptLog(job.storage)
+    reporter = GroupReporter(job, config, rank, device, checkpoint.done, attempts)
+    queue = config["queue"]
     env = WorkerEnv(rank=rank, world=world, group=config["group"], comm=comm, device=device,
                     max_failures=config["max_failures"],
                     wrap=Wrapper(config["strategy"], device, comm),  # (2) prepare_model inside
@@ -284,8 +284,9 @@ class GroupReporter:
     """
 
     def __init__(self, job: GroupJob, config: dict[str, Any], rank: int, device: torch.device,
-                 done: list[str]) -> None:
-        self.job, self.rank, self.device = job, rank, device
+                 done: list[str], attempts: AttemptLog) -> None:
+        self.job, self.rank, self.device, self.attempts = job, rank, device, attempts
+        self.group = config["group"]
         self.strategy, self.every_s = config["strategy"], float(config["report_every_s"])
         self.done_labels = list(done)
         self.last = time.monotonic()
@@ -310,6 +311,9 @@ class GroupReporter:
                    **{f"loss.{k}": v for k, v in summary.losses.items()}, **self.last_metrics}
         progress = {"done": self.done_labels, "running": request.label, "step": summary.step}
         self._report(metrics, progress, (model_state, ctx, method, summary.step))
+        if self.rank == 0:  # the record says a checkpoint of this step was handed to Ray Train
+            self.attempts.write({"event": "checkpoint", "label": request.label, "group": self.group, "rank": 0,
+                                 "pid": os.getpid(), "step": summary.step, "time": time.time()})
 
     def done(self, request: RunRequest) -> None:
         self.done_labels.append(request.label)

@@ -71,22 +71,21 @@ class RunQueue:
         self.base_ready, self.base_state = base_ready, None
         self.group_starts: dict[int, int] = {}
         self.method_failures: dict[int, int] = {}
+        self.notes: dict[int, str] = {}
 
     def start_group(self, group: int, max_failures: int) -> bool:
-        """Count a (re)start of a group; False when it has lost more workers than `max_failures` allows.
-
-        A restart that follows a run recorded as failed (the group restarts so that no worker is left
-        waiting in a collective) does not count against the budget.
-        """
+        """Count a (re)start of a group. A restart that follows a run recorded as failed (the group restarts so
+        that no worker is left waiting in a collective) is free; after more than `max_failures` lost workers in
+        one run, that run is recorded as failed (with the last error a worker noted) and the group goes on."""
         self.group_starts[group] = self.group_starts.get(group, 0) + 1
         lost = self.group_starts[group] - 1 - self.method_failures.get(group, 0)
-        if lost <= max_failures:
-            return True
-        for index, owner in self.claimed.items():  # the run it was doing cannot finish
-            if owner == group and index not in self.finished:
-                self.failed(index, {"error": "WorkerGroupFailed",
-                                    "message": f"worker group {group} lost a worker more than {max_failures} times"})
-        return False
+        if lost > max_failures:
+            for index, owner in self.claimed.items():  # the run it keeps losing workers in
+                if owner == group and index not in self.finished:
+                    note = self.notes.get(index, "a worker process died")
+                    self.failed(index, {"error": "WorkerGroupFailed",
+                                        "message": f"lost a worker {lost} times in this run (last: {note})"})
+        return True
 
     def next(self, group: int) -> int | None:
         for index, owner in self.claimed.items():  # a restarted group resumes its own unfinished run first
@@ -100,6 +99,10 @@ class RunQueue:
             self.claimed[index] = group
             return index
         return None
+
+    def note_error(self, index: int, message: str) -> None:
+        """A worker's error that may be a lost peer rather than the run's own (kept for the failure message)."""
+        self.notes[index] = message
 
     def done(self, index: int, record: dict[str, Any]) -> None:
         if index not in self.finished:
@@ -159,8 +162,8 @@ class WorkerEnv:
 
 def serve(job: GroupJob, queue: Any, env: WorkerEnv) -> None:
     """Run queue items until none is left (every rank of the group runs the same items in step)."""
-    if not env.agree(env.call(queue, "start_group", env.group, env.max_failures) if env.rank == 0 else None):
-        return  # restarted too often: its run is recorded as failed, the other groups go on
+    if env.rank == 0:
+        env.call(queue, "start_group", env.group, env.max_failures)
     caches: dict[int, RowCache] = {}
     job = job.resolved()
     base = _resolve(job.base_state)
@@ -179,10 +182,16 @@ def serve(job: GroupJob, queue: Any, env: WorkerEnv) -> None:
                     "pid": os.getpid(), "step": int(resume["step"]) if resume else 0, "time": time.time()})
         try:
             out = run_request(request, job, env, caches, base, resume)
-        except (DivergedError, BadInput, RuntimeError, ValueError) as err:  # the method failed, not the worker
+        except (DivergedError, BadInput) as err:  # the run's own, deterministic failure: record it, go on
             env.call(queue, "failed", index, {"error": type(err).__name__, "message": _first_line(err)})
             if env.world > 1:
                 raise  # the others may wait in a collective: the group restarts and moves on past this run
+            continue
+        except Exception as err:  # in a group, possibly a lost peer: restart (the queue's budget decides)
+            if env.world > 1:
+                env.call(queue, "note_error", index, f"{type(err).__name__}: {_first_line(err)}")
+                raise
+            env.call(queue, "failed", index, {"error": type(err).__name__, "message": _first_line(err)})
             continue
         if request.role == "original":
             base = out.state

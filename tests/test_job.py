@@ -132,7 +132,8 @@ def test_methods_command_lists_params_and_sources(capsys):
 
 
 def test_nan_loss_fails_the_run_in_mlflow(tmp_path, capsys):
-    """A diverging method ends with one line, exit 1, no results.json, and a FAILED MLflow run."""
+    """A diverging method ends with one line naming it and the cause, exit 1, its MLflow run FAILED and its
+    row in results.json saying why (the job's other runs are written: tests/test_engine.py)."""
     os.chdir(tmp_path)
     spec_path = tmp_path / "job.yaml"
     spec_path.write_text((ROOT / "jobs" / "quickstart.yaml").read_text())
@@ -141,8 +142,8 @@ def test_nan_loss_fails_the_run_in_mlflow(tmp_path, capsys):
               "--set", "methods=[{name: ga, params: {lr: 10.0, epochs: 50, momentum: 0.99}}]",
               "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train.epochs=2"], exit=codes.append)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith(("failed", "error"))]
-    assert codes == [1] and len(err) == 1 and "became" in err[0] and "ga" in err[0]
-    assert not (tmp_path / "results" / "diverge" / "results.json").exists()
+    assert codes == [1] and len(err) == 1 and "became" in err[0] and err[0].startswith("failed: ga:")
+    results = json.loads((tmp_path / "results" / "diverge" / "results.json").read_text())
+    assert results["failed"] == ["ga"] and "became" in results["methods"]["ga"]["error"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
-    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert client.get_run(results["mlflow"]["runs"]["ga"]).info.status == "FAILED"

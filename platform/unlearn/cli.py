@@ -23,8 +23,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = spec_mod.load(args.job, args.set)
     results = run_job(spec, Path(args.out) if args.out else None)
-    if results["failed"]:  # every other run finished and is written; say which did not
-        print(f"failed runs: {', '.join(results['failed'])} (see results.json)", file=sys.stderr)
+    if results["failed"]:  # every other run finished and is written; one line per run that did not
+        for label in results["failed"]:
+            print(f"failed: {label}: {results['methods'][label]['error']}", file=sys.stderr)
         return 1
     return 0
 

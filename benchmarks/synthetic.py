@@ -25,7 +25,7 @@ import torch
 from unlearn.data import synthetic
 from unlearn.evaluation.metrics import accuracy, probabilities
 from unlearn.models import build_model
-from unlearn.spec import ModelSpec, OptimizerSpec, TrainSpec
+from unlearn.spec import MODEL_SPECS, OptimizerSpec, TrainSpec
 from unlearn.training import fit_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs = args.resnet_epochs if name == "resnet18" else args.epochs
         x_tr, y_tr = ds.x_train[:n_train], ds.y_train[:n_train]
         torch.manual_seed(args.seed)
-        model = build_model(ModelSpec(name=name), ds.num_classes, ds.input_shape)
+        model = build_model(MODEL_SPECS[name](), ds.num_classes, ds.input_shape)
         recipe = TrainSpec(epochs=epochs, batch_size=64, optimizer=OptimizerSpec(name="sgd", lr=0.05, momentum=0.9,
                                                                                  weight_decay=5e-4),
                            lr_schedule="cosine")

@@ -12,10 +12,11 @@ def test_ray_is_the_pinned_version():
     assert ray.__version__ == "2.60.0"
 
 
-def test_the_gcs_client_the_address_probe_uses_has_internal_kv_get():
-    from ray._raylet import GcsClient
+def test_the_gcs_client_the_address_probe_uses_delegates_internal_kv_get():
+    from ray._raylet import GcsClient, InnerGcsClient
 
-    assert callable(getattr(GcsClient, "internal_kv_get"))
+    assert callable(getattr(InnerGcsClient, "internal_kv_get"))
+    assert "__getattr__" in dir(GcsClient)  # GcsClient forwards calls to its inner client
 
 
 def test_the_placement_group_cleaner_is_a_default_callback_the_local_trainer_can_drop():

@@ -45,6 +45,8 @@ READ_BATCH_BYTES = 1 << 20  # stored pixels decoded at once by `read` (bounds it
 CHECK_ELEMENTS = 1 << 22  # pixels examined at once when testing for 8-bit data (bounds the temporaries)
 SCALE = np.float32(255.0)  # the loaders' uint8 -> float32 division, repeated exactly on read
 
+SLOW_BUILD_S = 5.0  # builds at least this long say so on stderr
+
 
 class RowStore:
     """A store folder opened for reading; holds only meta.json's contents until asked for rows."""
@@ -237,9 +239,10 @@ def _build(folder: Path, header: dict, parts: dict[str, tuple[np.ndarray, np.nda
             if not (folder / META).is_file():
                 raise
             # another builder won the race; its store holds the same data
-        else:
-            print(f"store: wrote {header['name']} ({meta['num_train']} + {meta['num_test']} rows, {dtype}) "
-                  f"in {time.perf_counter() - t0:.1f}s to {folder}", file=sys.stderr, flush=True)
+        else:  # a note for builds long enough to notice; quick ones stay quiet (a spec error stays one line)
+            if time.perf_counter() - t0 >= SLOW_BUILD_S:
+                print(f"store: wrote {header['name']} ({meta['num_train']} + {meta['num_test']} rows, {dtype}) "
+                      f"in {time.perf_counter() - t0:.1f}s to {folder}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return RowStore(folder)

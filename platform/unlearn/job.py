@@ -237,6 +237,8 @@ def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | Non
     check_writable(out_dir)
     prep = prepare(spec)
     tracker = make_tracker(spec.tracking, spec.name)
+    own_executor = executor is None
+    executor = executor or make_executor(spec, out_dir)  # joins Ray first: an unreachable cluster stops here
     job, info = build_queue(prep)
     splits = prep.splits
     print(f"job {spec.name}: {spec.dataset.name} / {spec.model.name}, forget {splits.describe}, "
@@ -244,8 +246,6 @@ def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | Non
     if not info["cached"]:
         print(f"original model: training {spec.model.name} on {len(splits.train)} samples "
               f"({spec.train.epochs} epochs), first in the queue", file=sys.stderr, flush=True)
-    own_executor = executor is None
-    executor = executor or make_executor(spec, out_dir)
     try:
         with tracker.run(spec.name, tags={"unlearn.kind": "job"}) as parent:
             tracker.params(parent, flatten(spec.model_dump(mode="json")))

@@ -37,7 +37,8 @@ from unlearn.methods import REGISTRY
 from unlearn.shards import ShareStream, global_batches, share_of, split_order
 from unlearn.spec import MethodSpec, RaySpec
 from unlearn.training import original_model
-from unlearn.worker import WAIT, GroupJob, RunQueue
+from unlearn.run_queue import WAIT, RunQueue
+from unlearn.worker import GroupJob
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

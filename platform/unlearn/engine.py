@@ -44,7 +44,8 @@ from unlearn.faults import armed_env, maybe_fail
 from unlearn.ray_session import connect, in_embedded_session, local_trainer_class, quiet_worker_logs
 from unlearn.shards import share_fraction
 from unlearn.spec import RaySpec
-from unlearn.worker import GroupJob, RunQueue, WorkerEnv, read_result, serve
+from unlearn.run_queue import RunQueue
+from unlearn.worker import GroupJob, WorkerEnv, read_result, serve
 
 STORAGE_ENV = "UNLEARN_RAY_STORAGE"
 REPORT_ENV = "UNLEARN_REPORT_EVERY_S"

@@ -153,7 +153,8 @@ class LocalExecutor:
     def run_queue(self, job: Any, on_result: Callable[[int, RunOutput], None]) -> dict[str, Any]:
         """Every item in order; `on_result(index, output)` as each finishes. Returns the engine summary."""
         from unlearn.comm import LocalComm
-        from unlearn.worker import RunQueue, WorkerEnv, read_result, serve
+        from unlearn.run_queue import RunQueue
+        from unlearn.worker import WorkerEnv, read_result, serve
 
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="unlearn-local-") as tmp:

@@ -453,7 +453,8 @@ def _in_process(shared: Shared, job, trial_id: str) -> None:
 
     from unlearn.comm import LocalComm
     from unlearn.engine import _call
-    from unlearn.worker import RunQueue, WorkerEnv, serve
+    from unlearn.run_queue import RunQueue
+    from unlearn.worker import WorkerEnv, serve
 
     torch.set_num_threads(1)
     reports = job.epoch_metrics
@@ -491,7 +492,7 @@ def _on_engine(shared: Shared, job, trial_id: str) -> None:
 
     from unlearn.engine import DEFAULT_REPORT_EVERY_S, group_loop
     from unlearn.faults import armed_env
-    from unlearn.worker import RunQueue
+    from unlearn.run_queue import RunQueue
 
     ray_spec = shared.ray_spec
     mailbox = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -917,7 +918,7 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
     from unlearn.evaluation import ClassificationEvaluator
     from unlearn.execution import new_model
     from unlearn.atomic import write_json_atomic
-    from unlearn.job import prepare, request_for
+    from unlearn.job import prepare
     from unlearn.tracking import Tracker, flatten, make_tracker
     from unlearn.training import original_model, original_request
 

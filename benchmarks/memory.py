@@ -133,15 +133,18 @@ class SerializeCounter:
 
 
 def _job_parts(job) -> dict:
-    """Pickled bytes of each distinct split in a GroupJob (labels and row ids), and of the rest."""
+    """Pickled bytes of each distinct split object a GroupJob carries (labels and row ids; a job that names its
+    splits for the workers to rebuild from its recipe carries none), and of the rest."""
     import pickle
 
     splits: dict[int, tuple[str, object]] = {}
     for request in job.requests:
         for part in ("forget", "retain"):
             split = getattr(request, part)
-            splits.setdefault(id(split), (f"{request.label}.{part}", split))
-    for name, split in (job.eval_splits or {}).items():
+            if not isinstance(split, str):  # a split name: rebuilt by the workers
+                splits.setdefault(id(split), (f"{request.label}.{part}", split))
+    evaluation = job.eval_splits if isinstance(job.eval_splits, dict) else {}
+    for name, split in evaluation.items():
         splits.setdefault(id(split), (f"eval.{name}", split))
     parts = {}
     for name, split in splits.values():

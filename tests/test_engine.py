@@ -353,7 +353,7 @@ def test_two_worker_groups_on_a_started_head_overlap_and_match_one_group(digits,
                             stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_gcs(gcs, timeout_s=90)
-        methods = [{"name": "ft", "params": {"steps": 150}}, {"name": "ga", "params": {"steps": 150}},
+        methods = [{"name": "ft", "params": {"steps": 150}}, {"name": "ga", "params": {"steps": 30}},
                    {"name": "delete"}, {"name": "tarf", "params": {"steps": 150}}]
         results = {}
         for groups in (1, 2):
@@ -498,3 +498,13 @@ def _end_group(proc: subprocess.Popen) -> None:
         os.killpg(group, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@pytest.mark.ray
+def test_streamed_data_runs_the_job_and_forgets_without_holding_the_splits(ray_session, digits, tmp_path):
+    """`ray.data: streaming`: workers stream their Ray Data shard of the training table (not step-exact)."""
+    methods = [{"name": "retrain", "params": {"epochs": 10}}, {"name": "delete"}]
+    results = run_job(_job(digits, methods, enabled=True, num_workers=2, data="streaming"), tmp_path / "out")
+    assert not results["failed"]
+    assert results["methods"]["retrain"]["FA"] < 5 and results["methods"]["retrain"]["RA"] > 90
+    assert results["methods"]["delete"]["FA"] < 10 and results["methods"]["delete"]["RA"] > 85

@@ -132,8 +132,15 @@ class RayExecutor:
         # A failing method restarts a multi-worker group once without using up the user's restarts
         # (RunQueue.start_group keeps the count of real losses).
         failures = self.spec.max_failures + len(job.requests)
+        streaming = {}
+        if job.data_mode == "streaming":  # workers stream their shard of the training table (Ray Data)
+            import ray.data
+            from ray.train import DataConfig
+
+            table = ray.data.read_parquet(str(job.splits_recipe.dataset.path("train")), columns=["row", "x"])
+            streaming = {"datasets": {"train": table}, "dataset_config": DataConfig(datasets_to_split=["train"])}
         trainer = trainer_class(
-            group_loop, train_loop_config=config,
+            group_loop, train_loop_config=config, **streaming,
             scaling_config=ScalingConfig(num_workers=self.spec.num_workers, use_gpu=self.spec.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name=f"group-{group}-{token}", storage_path=f"{self.storage.rstrip('/')}/train",
@@ -220,7 +227,8 @@ def group_loop(config: dict[str, Any]) -> None:
                     call=_call, on_epoch=reporter.epoch, on_done=reporter.done,  # (3) ray.train.report inside
                     resume_for=checkpoint.resume_for, record=attempts.write,
                     state_of=lambda model, module: full_state(model, module, config["strategy"]),
-                    wrap_stream=lambda stream, label: maybe_fail(stream, config["fail"], label, rank, world))
+                    wrap_stream=lambda stream, label: maybe_fail(stream, config["fail"], label, rank, world),
+                    data_shard=ray.train.get_dataset_shard("train") if job.data_mode == "streaming" else None)
     serve(job, queue, env)
 
 

@@ -126,7 +126,8 @@ def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
                         retain="empty" if r.role == "evaluate" else names[id(r.retain)]) for r in requests]
     worker_side = prep.task == "classification"
     job = GroupJob(requests=requests, base_state=base, eval_splits=("target", "retain", "test") if worker_side else None,
-                   mia=spec.eval.mia, seed=spec.seed, splits_recipe=SplitsRecipe(prep.dataset, spec.forget, spec.seed))
+                   mia=spec.eval.mia, seed=spec.seed, splits_recipe=SplitsRecipe(prep.dataset, spec.forget, spec.seed),
+                   data_mode=spec.ray.data if spec.ray.enabled else "exact")
     return job, info
 
 

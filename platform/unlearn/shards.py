@@ -148,10 +148,77 @@ class ShareStream:
 
 
 def eval_share(n: int, world: int, rank: int) -> np.ndarray:
-    """Positions of an evaluation split this worker scores (every N-th row; order does not matter there)."""
-    return np.arange(rank, n, world)
+    """Positions of an evaluation split this worker scores: one contiguous block (rows next to each other
+    share storage row groups; the order does not matter, results are put back in split order)."""
+    return np.array_split(np.arange(n), world)[rank]
 
 
 def per_worker_rows(batch_size: int, world: int) -> int:
     """The largest share of a global batch any worker takes."""
     return math.ceil(batch_size / world)
+
+
+class StreamedShare:
+    """loop.Stream over the rows of a split found in this worker's streamed shard of a store's part (`data:
+    streaming`): for splits larger than a worker's memory, and not step-exact (which rows share a step depends
+    on how Ray Data dealt the part's blocks).
+
+    `batches` takes ceil(B/N) of the split's rows per step, passing over the shard again and again (in the
+    shard's order); `one_pass` yields this worker's rows of the split once, in chunks of B. Only the batch in
+    the making is held in memory. Every worker takes every step, as DDP needs: a worker whose shard holds no
+    row of the split cannot, and says so.
+    """
+
+    def __init__(self, shard, store, part_rows: int, row_ids: np.ndarray, labels: np.ndarray, *, batch_size: int,
+                 world: int = 1, device: torch.device | str = "cpu", label: str = "") -> None:
+        self.shard, self.store, self.size = shard, store, len(labels)
+        self.per_worker, self.pass_batch = per_worker_rows(batch_size, world), batch_size
+        self.position = np.full(part_rows, -1, dtype=np.int64)  # row id -> position in the split
+        self.position[np.asarray(row_ids, dtype=np.int64)] = np.arange(len(labels))
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
+        self.row_ids = np.asarray(row_ids, dtype=np.int64)
+        self.device, self.label, self.start_step = torch.device(device), label, 0
+
+    def _rows(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(images, split positions) of the split's rows in one pass over the shard."""
+        for batch in self.shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+            positions = self.position[batch.column("row").to_numpy()]
+            keep = positions >= 0
+            if keep.any():
+                yield self.store.decode(batch.column("x").filter(keep)), positions[keep]
+
+    def _chunks(self, size: int, endless: bool) -> Iterator[Batch]:
+        images, positions = [], []
+        held = 0
+        while True:
+            found = False
+            for x, pos in self._rows():
+                found = True
+                images.append(x)
+                positions.append(pos)
+                held += len(pos)
+                while held >= size:
+                    x_all, pos_all = np.concatenate(images), np.concatenate(positions)
+                    yield self._batch(x_all[:size], pos_all[:size])
+                    images, positions, held = [x_all[size:]], [pos_all[size:]], held - size
+            if not endless:
+                if held:
+                    yield self._batch(np.concatenate(images), np.concatenate(positions))
+                return
+            if not found:
+                from unlearn.errors import BadInput
+
+                raise BadInput(f"{self.label}: a worker's streamed shard holds no row of a {self.size}-row split; "
+                               "use ray.data: exact for splits this small")
+
+    def _batch(self, x: np.ndarray, positions: np.ndarray) -> Batch:
+        return Batch(torch.from_numpy(x).to(self.device), self.labels[positions].to(self.device),
+                     torch.from_numpy(self.row_ids[positions]).to(self.device))
+
+    def batches(self) -> Iterator[Batch]:
+        for number, batch in enumerate(self._chunks(self.per_worker, endless=True)):
+            if number >= self.start_step:
+                yield batch
+
+    def one_pass(self) -> Iterator[Batch]:
+        return self._chunks(self.pass_batch, endless=False)

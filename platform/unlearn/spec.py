@@ -219,6 +219,9 @@ class RaySpec(Strict):
     cpus_per_worker: float = Field(1.0, gt=0, le=256)
     groups: int = Field(1, ge=1, le=1024)  # worker groups sharing the job's queue of runs (concurrent on a cluster)
     storage: str | None = None  # results and checkpoints (shared storage for multi-node); null: <out>/engine
+    # exact: each worker holds the rows its slices of every global batch touch (steps equal one process's);
+    # streaming: workers stream their shard of the training table through Ray Data (bounded memory, not step-exact)
+    data: Literal["exact", "streaming"] = "exact"
 
 
 class TrackingSpec(Strict):

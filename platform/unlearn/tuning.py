@@ -330,6 +330,7 @@ class Shared:
     ray_spec: Any | None = None  # RaySpec for engine trials, None for in-process ones
     failure_value: float = PENALTY
     capture: tuple[str, ...] = ()  # method attributes a trial writes with its result (tests compare them)
+    fail: dict[str, str] | None = None  # test-only failure injection armed on the driver (faults.py)
 
 
 def report_index(epoch: int, epochs: int, reports: int) -> int:
@@ -491,7 +492,6 @@ def _on_engine(shared: Shared, job, trial_id: str) -> None:
     from ray.util.queue import Queue
 
     from unlearn.engine import DEFAULT_REPORT_EVERY_S, group_loop
-    from unlearn.faults import armed_env
     from unlearn.run_queue import RunQueue
 
     ray_spec = shared.ray_spec
@@ -501,7 +501,8 @@ def _on_engine(shared: Shared, job, trial_id: str) -> None:
         [{"label": r.label, "role": r.role} for r in job.requests], True)
     job.base_state = ray.put(job.base_state)
     config = {"job": ray.put(job), "queue": queue, "group": 0, "strategy": ray_spec.strategy,
-              "max_failures": ray_spec.max_failures, "fail": armed_env(), "report_every_s": DEFAULT_REPORT_EVERY_S}
+              "max_failures": ray_spec.max_failures, "fail": shared.fail or {},
+              "report_every_s": DEFAULT_REPORT_EVERY_S}
     trainer = TorchTrainer(
         group_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=ray_spec.num_workers, use_gpu=ray_spec.use_gpu,
@@ -920,6 +921,7 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
     from unlearn.atomic import write_json_atomic
     from unlearn.job import prepare
     from unlearn.tracking import Tracker, flatten, make_tracker
+    from unlearn.faults import armed_env
     from unlearn.training import original_model, original_request
 
     spec, t0 = plan.spec, time.perf_counter()
@@ -949,7 +951,8 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
                         fixed=plan.fixed, reports=spec.tune.reports, mia=spec.eval.mia, seed=spec.seed,
                         targets=targets, reference=reference, out_dir=str(out_dir.resolve()),
                         ray_spec=None if plan.in_process else spec.ray,
-                        failure_value=PENALTY if spec.tune.mode == "min" else 0.0, capture=tuple(capture))
+                        failure_value=PENALTY if spec.tune.mode == "min" else 0.0, capture=tuple(capture),
+                        fail=armed_env())
         shared_ref = ray.put(shared)
         trainable = tune.with_resources(tune.with_parameters(run_trial, shared_refs=[shared_ref]), per_trial)
 

@@ -26,7 +26,7 @@ from unlearn.errors import BadInput, DivergedError
 from unlearn.evaluation.sharded import EVAL_SPLITS, ShardedClassificationEvaluator
 from unlearn.execution import RunOutput, RunRequest, execute, new_model
 from unlearn.run_queue import WAIT
-from unlearn.shards import RowCache, ShareStream
+from unlearn.shards import RowCache, ShareStream, StreamedShare
 
 
 @dataclass
@@ -42,6 +42,8 @@ class GroupJob:
     capture: tuple[str, ...] = ()
     epoch_metrics: Any = None  # optional: `due(summary)` and `metrics(evaluator, ctx)` for Tune reports
     splits_recipe: Any = None  # data.scenarios.SplitsRecipe: workers rebuild the splits the requests name
+    data_mode: str = "exact"  # "streaming": method streams come from the worker's Ray Data shard (env.data_shard)
+    splits_recipe_store: Any = None  # the row store the recipe read (streaming decodes the shard's images with it)
 
     def resolved(self) -> "GroupJob":
         """The job with every split name replaced by the split (rebuilt here from the recipe)."""
@@ -53,7 +55,8 @@ class GroupJob:
         evaluation = self.eval_splits
         if isinstance(evaluation, (tuple, list)):
             evaluation = {name: split(name) for name in evaluation}
-        return replace(self, requests=requests, eval_splits=evaluation, splits_recipe=None)
+        return replace(self, requests=requests, eval_splits=evaluation, splits_recipe=None,
+                       splits_recipe_store=self.splits_recipe.dataset)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class WorkerEnv:
         lambda model, module: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
     record: Callable[[dict[str, Any]], None] = lambda event: None  # attempt records
     wrap_stream: Callable[[Any, str], Any] = lambda stream, label: stream  # test-only failure injection
+    data_shard: Any = None  # data: streaming: this worker's Ray Data shard of the training table
     verbose: bool = True
     max_failures: int = 0  # lost workers a group may restart after
 
@@ -138,9 +142,14 @@ def run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dict
     steps = loop.total_steps(request.method_class(request.params), len(request.forget), len(request.retain))
     streams = []
     for k, (name, split) in enumerate((("forget", request.forget), ("retain", request.retain))):
-        stream = ShareStream(split.rows, split.index, split.y, batch_size=batch_size, world=env.world,
-                             rank=env.rank, seed=request.seed + k, steps=steps, device=env.device,
-                             uses_steps=name in request.method_class.uses, cache=_cache(caches, split))
+        if env.data_shard is not None:  # data: streaming (bounded memory, not step-exact)
+            store = job.splits_recipe_store
+            stream = StreamedShare(env.data_shard, store, store.num_rows("train"), split.index, split.y,
+                                   batch_size=batch_size, world=env.world, device=env.device, label=request.label)
+        else:
+            stream = ShareStream(split.rows, split.index, split.y, batch_size=batch_size, world=env.world,
+                                 rank=env.rank, seed=request.seed + k, steps=steps, device=env.device,
+                                 uses_steps=name in request.method_class.uses, cache=_cache(caches, split))
         stream.start_step = int(resume["step"]) if resume else 0
         streams.append(env.wrap_stream(stream, request.label) if name in request.method_class.uses else stream)
     on_epoch = (lambda summary, ctx, method: env.on_epoch(summary, ctx, method, request, evaluator)) \
@@ -167,7 +176,7 @@ def _evaluator(job: GroupJob, env: WorkerEnv, caches: dict) -> ShardedClassifica
         return None
     split_caches = {name: _cache(caches, job.eval_splits[name]) for name in EVAL_SPLITS}
     return ShardedClassificationEvaluator(job.eval_splits, split_caches, env.comm, env.device, mia=job.mia,
-                                          seed=job.seed)
+                                          seed=job.seed, keep_rows=job.data_mode == "exact")
 
 
 def _to_cpu(value: Any) -> Any:

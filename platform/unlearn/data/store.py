@@ -174,6 +174,20 @@ class RowStore:
             out /= SCALE
         return out.reshape(len(rows), *self.input_shape)
 
+    def path(self, part: str) -> Path:
+        """The part's Parquet file (what a streaming reader such as Ray Data reads)."""
+        return self._path(part)
+
+    def decode(self, pixels) -> np.ndarray:
+        """float32 images (N x C x H x W, in [0, 1]) from a batch's `x` column (a pyarrow array), as `read` does."""
+        dim = int(np.prod(self.input_shape))
+        if hasattr(pixels, "combine_chunks"):  # a table's column: one array first
+            pixels = pixels.combine_chunks()
+        out = pixels.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+        if self._meta["dtype"] == "uint8":
+            out /= SCALE
+        return out.reshape(-1, *self.input_shape)
+
     def _path(self, part: str) -> Path:
         return self.folder / f"{_checked(part)}.parquet"
 

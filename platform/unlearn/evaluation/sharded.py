@@ -1,6 +1,6 @@
 """Classification metrics computed by the workers, each on its share of the evaluation splits.
 
-Every worker scores every N-th row of the target (FA, MIA), retain (RA) and test (TA, KL) splits. Correct
+Every worker scores its block of rows of the target (FA, MIA), retain (RA) and test (TA, KL) splits. Correct
 counts are all-reduced; the true-label confidences the membership attack needs, and the test-set softmax
 outputs KL needs, are all-gathered with their positions and put back in split order on rank 0, so rank 0
 computes exactly the numbers one process computes (`ClassificationEvaluator`) from the same weights.
@@ -36,8 +36,9 @@ class ShardedClassificationEvaluator:
     """FA/RA/TA/MIA of a model from every worker's share of the evaluation splits (rank 0 gets the result)."""
 
     def __init__(self, splits: dict, caches: dict[str, RowCache], comm: Comm, device: torch.device,
-                 mia: bool = True, seed: int = 0) -> None:
+                 mia: bool = True, seed: int = 0, keep_rows: bool = True) -> None:
         self.splits, self.caches, self.comm, self.device = splits, caches, comm, device
+        self.keep_rows = keep_rows  # False (data: streaming): read each batch's rows and let them go
         self.mia, self.seed = mia, seed
         self.positions = {name: eval_share(len(splits[name]), comm.world_size, comm.rank) for name in EVAL_SPLITS}
 
@@ -46,10 +47,15 @@ class ShardedClassificationEvaluator:
         """(softmax outputs, labels) of this worker's rows of one split."""
         positions = self.positions[name]
         labels = torch.from_numpy(np.asarray(self.splits[name].y, dtype=np.int64)[positions])
-        self.caches[name].ensure(positions)  # one read of this worker's rows
+        cache = self.caches[name]
+        if self.keep_rows:
+            cache.ensure(positions)  # one read of this worker's rows, kept for the job's later runs
         probs = []
         for start in range(0, len(positions), EVAL_BATCH):
-            x = self.caches[name].take(positions[start:start + EVAL_BATCH]).to(self.device)
+            block = positions[start:start + EVAL_BATCH]
+            x = (cache.take(block) if self.keep_rows else
+                 torch.from_numpy(np.asarray(cache.source.read(cache.row_ids[block]), dtype=np.float32)))
+            x = x.to(self.device)
             probs.append(F.softmax(model(x).float(), dim=1).cpu())
         width = probs[0].shape[1] if probs else 0
         return (torch.cat(probs) if probs else torch.zeros((0, width))), labels

@@ -52,15 +52,6 @@ def read_bytes(path: str | Path) -> bytes:
     return Path(path).read_bytes()
 
 
-def exists(path: str | Path) -> bool:
-    if _is_uri(path):
-        from pyarrow import fs as pafs
-
-        filesystem, where = pafs.FileSystem.from_uri(str(path))
-        return filesystem.get_file_info(where).type != pafs.FileType.NotFound
-    return Path(path).exists()
-
-
 def write_text_atomic(text: str, path: str | Path) -> None:
     write_bytes_atomic(text.encode(), path)
 

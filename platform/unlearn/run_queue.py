@@ -83,5 +83,3 @@ class RunQueue:
         self.unread = []
         return out
 
-    def all_done(self) -> bool:
-        return len(self.finished) == len(self.items)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import time
-import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -222,8 +221,3 @@ def read_result(path: str) -> dict[str, Any]:
     from unlearn.atomic import read_bytes
 
     return torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=False)
-
-
-def error_text(err: BaseException) -> str:
-    """The last frame and message of an unexpected error, for a failed run's record."""
-    return "".join(traceback.format_exception_only(type(err), err)).strip()

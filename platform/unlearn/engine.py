@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from unlearn.checkpoints import AttemptLog, GroupCheckpoint, full_state, write_checkpoint
@@ -133,12 +134,10 @@ class RayExecutor:
         # (RunQueue.start_group keeps the count of real losses).
         failures = self.spec.max_failures + len(job.requests)
         streaming = {}
-        if job.data_mode == "streaming":  # workers stream their shard of the training table (Ray Data)
-            import ray.data
+        if job.data_mode == "streaming":  # workers stream their shard of each split the runs train on (Ray Data)
             from ray.train import DataConfig
 
-            table = ray.data.read_parquet(str(job.splits_recipe.dataset.path("train")), columns=["row", "x"])
-            streaming = {"datasets": {"train": table}, "dataset_config": DataConfig(datasets_to_split=["train"])}
+            streaming = {"datasets": split_datasets(job), "dataset_config": DataConfig(datasets_to_split="all")}
         trainer = trainer_class(
             group_loop, train_loop_config=config, **streaming,
             scaling_config=ScalingConfig(num_workers=self.spec.num_workers, use_gpu=self.spec.use_gpu,
@@ -228,8 +227,44 @@ def group_loop(config: dict[str, Any]) -> None:
                     resume_for=checkpoint.resume_for, record=attempts.write,
                     state_of=lambda model, module: full_state(model, module, config["strategy"]),
                     wrap_stream=lambda stream, label: maybe_fail(stream, config["fail"], label, rank, world),
-                    data_shard=ray.train.get_dataset_shard("train") if job.data_mode == "streaming" else None)
+                    data_shards={name: ray.train.get_dataset_shard(name) for name in streamed_splits(job)}
+                    if job.data_mode == "streaming" else {})
     serve(job, queue, env)
+
+
+def streamed_splits(job: GroupJob) -> list[str]:
+    """The splits the job's runs train on, by name (`data: streaming` gives each its own Ray Dataset)."""
+    names = {name for r in job.requests for name in (r.forget, r.retain) if isinstance(name, str)}
+    return sorted(names - {"empty"})
+
+
+def split_datasets(job: GroupJob) -> dict[str, Any]:
+    """One streamed Ray Dataset per split: the training table's rows of that split.
+
+    A split of its own per stream keeps every worker's passes in step: Ray Data deals each split equally
+    (`streaming_split(equal=True)`), so all workers start each new pass over a split at the same step, as its
+    epoch barrier needs; one table shared by the forget and retain streams would interleave two passes.
+    """
+    import ray.data
+
+    store = job.splits_recipe.dataset
+    table = ray.data.read_parquet(str(store.path("train"))).select_columns(["row", "x"])
+    datasets = {}
+    for name in streamed_splits(job):
+        keep = np.zeros(store.num_rows("train"), dtype=bool)
+        keep[job.splits_recipe.split(name).index] = True
+        datasets[name] = table.map_batches(_RowsOf(keep), batch_format="pyarrow")
+    return datasets
+
+
+class _RowsOf:
+    """Ray Data batch filter: the rows whose id is marked in `keep` (a boolean mask over the part's rows)."""
+
+    def __init__(self, keep: np.ndarray) -> None:
+        self.keep = keep
+
+    def __call__(self, batch: Any) -> Any:
+        return batch.filter(self.keep[batch.column("row").to_numpy()])
 
 
 def _call(queue: Any, name: str, *args: Any) -> Any:

@@ -124,8 +124,9 @@ def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
     names = {id(getattr(splits, name)): name for name in SPLIT_NAMES}
     requests = [replace(r, forget="empty" if r.role == "evaluate" or not len(r.forget) else names[id(r.forget)],
                         retain="empty" if r.role == "evaluate" else names[id(r.retain)]) for r in requests]
-    worker_side = prep.task == "classification"
-    job = GroupJob(requests=requests, base_state=base, eval_splits=("target", "retain", "test") if worker_side else None,
+    classifier = prep.task == "classification"  # other tasks: an evaluator built here, run on the workers
+    job = GroupJob(requests=requests, base_state=base, eval_splits=("target", "retain", "test") if classifier else None,
+                   evaluator=None if classifier else build_evaluator(prep.task, prep.splits, spec, prep.dataset),
                    mia=spec.eval.mia, seed=spec.seed, splits_recipe=SplitsRecipe(prep.dataset, spec.forget, spec.seed),
                    data_mode=spec.ray.data if spec.ray.enabled else "exact")
     return job, info
@@ -159,10 +160,9 @@ class Recorder:
         self.outputs: dict[str, Any] = {}
         self.run_ids: dict[str, str] = {}
         self.engine_rows: dict[str, dict[str, Any]] = {}
-        self.driver_evaluator = None
-        if job.eval_splits is None:  # tasks evaluated on the driver (diffusion: generated samples and a judge)
-            self.driver_evaluator = build_evaluator(prep.task, prep.splits, prep.spec, prep.dataset)
-            self.driver_evaluator.out_dir = out_dir
+        self.task_evaluator = job.evaluator  # diffusion: compares and saves the grids the workers drew
+        if self.task_evaluator is not None:
+            self.task_evaluator.out_dir = out_dir
 
     def __call__(self, index: int, out: RunOutput) -> None:
         request = self.job.requests[index]
@@ -172,14 +172,13 @@ class Recorder:
         if out.error is None:
             state = out.state if out.state is not None else self.job.base_state  # "evaluate": the cached original
             model = new_model(replace(request, initial_state=state))
-            metrics, outputs = (out.metrics, out.outputs) if self.driver_evaluator is None \
-                else self.driver_evaluator.evaluate(model)
+            metrics, outputs = out.metrics, out.outputs
         if request.role in ("original", "evaluate"):
             if out.error is not None:
                 raise RuntimeError(f"the original model could not be trained: {out.error['message']}")
             self.results["original"] = {**metrics, "seconds": 0.0}
             self.outputs["original"] = outputs
-            self._artifacts(self.parent, model, "original", None)
+            self._artifacts(self.parent, model, "original", None, outputs)
             return
         run_id = self.tracker.start(request.label, parent=self.parent, tags={"unlearn.method": request.method})
         self.run_ids[request.label] = run_id
@@ -198,21 +197,21 @@ class Recorder:
         if out.resumed_from_step:
             self.tracker.tag(run_id, "unlearn.resumed_from_step", str(out.resumed_from_step))
             self.tracker.metrics(run_id, {"restarts": out.restarts})
-        self._artifacts(run_id, model, request.label, out.history)
+        self._artifacts(run_id, model, request.label, out.history, outputs)
         self.tracker.model(run_id, model)
         self.tracker.end(run_id, "FINISHED")
 
-    def _artifacts(self, run_id: str, model: torch.nn.Module, name: str, history: list | None) -> None:
+    def _artifacts(self, run_id: str, model: torch.nn.Module, name: str, history: list | None, outputs: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if history:
                 self.tracker.artifact(run_id, plots.loss_curves(history, Path(tmp) / "losses.png", name))
-            if self.driver_evaluator is not None:  # diffusion: its sample grid
-                for path in self.driver_evaluator.artifacts(model, name, Path(tmp)):
+            if self.task_evaluator is not None:  # diffusion: its sample grid
+                for path in self.task_evaluator.artifacts(model, name, Path(tmp), outputs):
                     self.tracker.artifact(run_id, path)
 
     def compare(self, reference: str | None) -> None:
         """Gap and KL against the reference, and speed-ups, once every run is in."""
-        evaluator = self.driver_evaluator
+        evaluator = self.task_evaluator
         ok = {name: m for name, m in self.results.items() if "error" not in m}
         ref = ok.get(reference) if reference else None
         for name, m in ok.items():

@@ -35,13 +35,14 @@ class GroupJob:
     requests: list[RunRequest]  # forget/retain: Split objects, or split names resolved from `splits_recipe`
     base_state: Any = None  # the original's weights (a dict, or an object-store reference on Ray); None: in the queue
     eval_splits: dict[str, Any] | None = None  # target / retain / test: worker-side classification evaluation
+    evaluator: Any = None  # or a task evaluator built on the driver, `evaluate(model, comm, device)` on every worker
     mia: bool = True
     seed: int = 0
     storage: str = ""  # folder (or URI) the results are written to
     capture: tuple[str, ...] = ()
     epoch_metrics: Any = None  # optional: `due(summary)` and `metrics(evaluator, ctx)` for Tune reports
     splits_recipe: Any = None  # data.scenarios.SplitsRecipe: workers rebuild the splits the requests name
-    data_mode: str = "exact"  # "streaming": method streams come from the worker's Ray Data shard (env.data_shard)
+    data_mode: str = "exact"  # "streaming": method streams come from the worker's Ray Data shards (env.data_shards)
     splits_recipe_store: Any = None  # the row store the recipe read (streaming decodes the shard's images with it)
 
     def resolved(self) -> "GroupJob":
@@ -76,7 +77,7 @@ class WorkerEnv:
         lambda model, module: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
     record: Callable[[dict[str, Any]], None] = lambda event: None  # attempt records
     wrap_stream: Callable[[Any, str], Any] = lambda stream, label: stream  # test-only failure injection
-    data_shard: Any = None  # data: streaming: this worker's Ray Data shard of the training table
+    data_shards: dict[str, Any] = field(default_factory=dict)  # data: streaming: split name -> Ray Data shard
     verbose: bool = True
     max_failures: int = 0  # lost workers a group may restart after
 
@@ -141,9 +142,9 @@ def run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dict
     steps = loop.total_steps(request.method_class(request.params), len(request.forget), len(request.retain))
     streams = []
     for k, (name, split) in enumerate((("forget", request.forget), ("retain", request.retain))):
-        if env.data_shard is not None:  # data: streaming (bounded memory, not step-exact)
+        if split.name in env.data_shards:  # data: streaming (bounded memory, not step-exact)
             store = job.splits_recipe_store
-            stream = StreamedShare(env.data_shard, store, store.num_rows("train"), split.index, split.y,
+            stream = StreamedShare(env.data_shards[split.name], store, store.num_rows("train"), split.index, split.y,
                                    batch_size=batch_size, world=env.world, device=env.device, label=request.label)
         else:
             stream = ShareStream(split.rows, split.index, split.y, batch_size=batch_size, world=env.world,
@@ -170,7 +171,19 @@ def _cache(caches: dict, split: Any) -> RowCache:
     return caches[id(split)]
 
 
-def _evaluator(job: GroupJob, env: WorkerEnv, caches: dict) -> ShardedClassificationEvaluator | None:
+class _OnShare:
+    """A task evaluator (diffusion) run by every worker on its share, through the group's comm."""
+
+    def __init__(self, evaluator: Any, env: WorkerEnv) -> None:
+        self.evaluator, self.env = evaluator, env
+
+    def evaluate(self, model: torch.nn.Module) -> tuple[dict[str, float], Any]:
+        return self.evaluator.evaluate(model, comm=self.env.comm, device=self.env.device)
+
+
+def _evaluator(job: GroupJob, env: WorkerEnv, caches: dict) -> ShardedClassificationEvaluator | _OnShare | None:
+    if job.evaluator is not None:
+        return _OnShare(job.evaluator, env)
     if job.eval_splits is None:
         return None
     split_caches = {name: _cache(caches, job.eval_splits[name]) for name in EVAL_SPLITS}

@@ -57,7 +57,9 @@ class Split:
     pickled with the split when it can be read again (workers get the light split and read their rows).
     """
 
-    def __init__(self, x: np.ndarray | None, y: np.ndarray, index: np.ndarray, rows: Rows | None = None) -> None:
+    def __init__(self, x: np.ndarray | None, y: np.ndarray, index: np.ndarray, rows: Rows | None = None,
+                 name: str = "") -> None:
+        self.name = name  # the split's name in SPLIT_NAMES, where it has one
         self.y = np.asarray(y)
         self.index = np.asarray(index)  # row ids in the dataset's train (or test) part
         self._x = x
@@ -104,6 +106,10 @@ class Splits:
     target_labels: list[int]  # model-level labels the target concept occupies (empty for random)
     describe: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in SPLIT_NAMES:  # each split knows its name (streamed data is keyed on it)
+            getattr(self, name).name = name
+
     def sizes(self) -> dict[str, int]:
         return {"forget": len(self.forget), "retain": len(self.retain), "test": len(self.test),
                 "remain": len(self.remain), "target": len(self.target)}
@@ -127,7 +133,7 @@ class SplitsRecipe:
         """A split by name (`forget`, `remain`, `retain`, `train`, `target`, `test`, or `empty`)."""
         splits = self.splits()
         if name == "empty":
-            return Split(None, splits.train.y[:0], splits.train.index[:0], splits.train.rows)
+            return Split(None, splits.train.y[:0], splits.train.index[:0], splits.train.rows, name="empty")
         return getattr(splits, name)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -64,8 +64,8 @@ class Evaluator(Protocol):
                 ref_out: Any) -> dict[str, float]:
         """Metrics against the reference (retrain) model."""
 
-    def artifacts(self, model: nn.Module, name: str, folder: Path) -> list[Path]:
-        """Files to attach to the model's run."""
+    def artifacts(self, model: nn.Module, name: str, folder: Path, out: Any = None) -> list[Path]:
+        """Files to attach to the model's run (`out`: what `evaluate` returned for it, where at hand)."""
 
 
 class ClassificationEvaluator:
@@ -87,7 +87,7 @@ class ClassificationEvaluator:
                 ref_out: Outputs) -> dict[str, float]:
         return versus_reference(metrics, out, ref_metrics, ref_out)
 
-    def artifacts(self, model: nn.Module, name: str, folder: Path) -> list[Path]:
+    def artifacts(self, model: nn.Module, name: str, folder: Path, out: Any = None) -> list[Path]:
         """Extra files to attach to a method's run (none for classifiers)."""
         return []
 

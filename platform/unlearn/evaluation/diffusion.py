@@ -14,9 +14,13 @@ images:
 
 Every model is sampled from the same starting noise (a generator seeded by the job seed), with DDIM
 (`model.sample_steps`) and classifier-free guidance `model.guidance_scale`, so methods differ only by
-their weights. `artifacts` draws a grid of `eval.grid_per_class` samples per class (one row a class,
-the forgotten rows marked) for the method's MLflow run, and also writes it as `grid_<name>.png` next to
-results.json when the job sets `out_dir`.
+their weights. `evaluate` also draws a grid of `eval.grid_per_class` samples per class (one row a class,
+the forgotten rows marked); `artifacts` saves it for the method's MLflow run, and also writes it as
+`grid_<name>.png` next to results.json when the job sets `out_dir`.
+
+On a worker group every worker samples and judges one contiguous share of the samples (from its rows of
+the same starting noise) and the judge's readings are all-gathered, so the numbers do not depend on the
+worker count; the driver only receives the metrics and the grid.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from unlearn.comm import Comm, LocalComm
 from unlearn.data.scenarios import Splits
 from unlearn.errors import BadInput
-from unlearn.models.ddpm import build_ddpm, sample
+from unlearn.models.ddpm import build_ddpm, sample, unwrap
+from unlearn.shards import eval_share
 from unlearn.spec import CNNSpec, JobSpec, OptimizerSpec, TrainSpec
 
 JUDGE_MODEL = CNNSpec(channels=[32, 64, 128])
@@ -56,13 +62,16 @@ class Judge:
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> np.ndarray:
         device = next(self.model.parameters()).device
-        out = [self.model.features(x[i:i + FEATURE_BATCH].to(device)).cpu() for i in range(0, len(x), FEATURE_BATCH)]
+        # max(.., 1): an empty share still gives a (0, features) array to gather
+        out = [self.model.features(x[i:i + FEATURE_BATCH].to(device)).cpu()
+               for i in range(0, max(len(x), 1), FEATURE_BATCH)]
         return torch.cat(out).double().numpy()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> np.ndarray:
         device = next(self.model.parameters()).device
-        out = [self.model(x[i:i + FEATURE_BATCH].to(device)).argmax(1).cpu() for i in range(0, len(x), FEATURE_BATCH)]
+        out = [self.model(x[i:i + FEATURE_BATCH].to(device)).argmax(1).cpu()
+               for i in range(0, max(len(x), 1), FEATURE_BATCH)]
         return torch.cat(out).numpy()
 
 
@@ -157,15 +166,19 @@ class InceptionFeatures:
 
 @dataclass
 class DiffusionOutputs:
-    """A model's generated images, their conditioning labels and the judge's reading of them."""
+    """The conditioning labels of a model's evaluation samples, the judge's reading of them, and its grid."""
 
-    images: torch.Tensor
     labels: np.ndarray
     predicted: np.ndarray
+    grid: torch.Tensor | None = None  # eval.grid_per_class samples per class, class-major
 
 
 class DiffusionEvaluator:
-    """FA / CA / FD (/ FID) of a class-conditional generator on a job's splits; sample grids as artifacts."""
+    """FA / CA / FD (/ FID) of a class-conditional generator on a job's splits; sample grids as artifacts.
+
+    Built once on the driver (the judge is trained or read from its cache there and the real images' feature
+    statistics computed), then sent to the workers, which `evaluate` their shares of the samples.
+    """
 
     def __init__(self, splits: Splits, spec: JobSpec, dataset) -> None:
         self.splits, self.spec = splits, spec
@@ -184,40 +197,65 @@ class DiffusionEvaluator:
         self.real_stats = gaussian_stats(self.judge.features(real))
         self.real_inception = gaussian_stats(self.inception(real)) if self.inception else None
 
-    def generate(self, model: nn.Module, per_class: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
-        """`per_class` images of every class (class-major order) from noise seeded by `seed`."""
+    def generate(self, model: nn.Module, per_class: int, seed: int,
+                 comm: Comm | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """This worker's share of `per_class` images of every class (class-major order) from noise seeded by
+        `seed`, with the labels of the whole set (every worker draws the whole set's noise: it is cheap)."""
         labels = torch.arange(self.num_classes).repeat_interleave(per_class)
         generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((len(labels), *unwrap(model).image_shape), generator=generator)
+        comm = comm or LocalComm()
+        mine = torch.from_numpy(eval_share(len(labels), comm.world_size, comm.rank))
+        where = next(model.parameters()).device
         model.to(self.device)
         try:
-            images = sample(model, labels, self.spec.model.sample_steps, self.spec.model.guidance_scale, generator)
+            images = sample(model, labels[mine], self.spec.model.sample_steps, self.spec.model.guidance_scale,
+                            noise=noise[mine])
         finally:
-            model.to("cpu")
+            model.to(where)
         return images, labels.numpy()
 
-    def evaluate(self, model: nn.Module) -> tuple[dict[str, float], DiffusionOutputs]:
-        images, labels = self.generate(model, self.spec.eval.samples_per_class, self.spec.seed)
-        predicted = self.judge.predict(images)
+    def evaluate(self, model: nn.Module, comm: Comm | None = None,
+                 device: torch.device | None = None) -> tuple[dict[str, float], DiffusionOutputs]:
+        """The model's metrics (every worker of a group calls this with its comm; all get the same numbers)."""
+        comm = comm or LocalComm()
+        if device is not None and torch.device(device) != self.device:
+            self.device = torch.device(device)
+            self.judge.model.to(self.device)
+        images, labels = self.generate(model, self.spec.eval.samples_per_class, self.spec.seed, comm)
+        mine = eval_share(len(labels), comm.world_size, comm.rank)
+        kept_mine = np.isin(labels[mine], self.kept)
+        # The judge reads each worker's share; readings and features come together in sample order.
+        predicted = self._gather(comm, torch.from_numpy(self.judge.predict(images)))
+        features = self._gather(comm, torch.from_numpy(self.judge.features(images[torch.from_numpy(kept_mine)])))
         forgotten, kept = np.isin(labels, self.forgotten), np.isin(labels, self.kept)
         metrics: dict[str, float] = {}
         if forgotten.any():
             metrics["FA"] = float(100 * np.mean(predicted[forgotten] == labels[forgotten]))
         metrics["CA"] = float(100 * np.mean(predicted[kept] == labels[kept]))
-        kept_images = images[torch.from_numpy(kept)]
-        metrics["FD"] = frechet_distance(gaussian_stats(self.judge.features(kept_images)), self.real_stats)
+        metrics["FD"] = frechet_distance(gaussian_stats(features), self.real_stats)
         if self.inception is not None:
-            metrics["FID"] = frechet_distance(gaussian_stats(self.inception(kept_images)), self.real_inception)
-        return metrics, DiffusionOutputs(images, labels, predicted)
+            inception = self._gather(comm, torch.from_numpy(self.inception(images[torch.from_numpy(kept_mine)])))
+            metrics["FID"] = frechet_distance(gaussian_stats(inception), self.real_inception)
+        grid, _ = self.generate(model, self.spec.eval.grid_per_class, self.spec.seed + 1, comm)
+        grid = torch.from_numpy(self._gather(comm, grid))
+        return metrics, DiffusionOutputs(labels, predicted, grid)
+
+    def _gather(self, comm: Comm, values: torch.Tensor) -> np.ndarray:
+        """Every worker's rows in rank order (shares are contiguous in rank order: the whole set in order)."""
+        return comm.all_gather(values.contiguous().to(self.device)).cpu().numpy()
 
     def compare(self, metrics: dict[str, float], out: DiffusionOutputs, ref_metrics: dict[str, float],
                 ref_out: DiffusionOutputs) -> dict[str, float]:
         """No extra comparison with retrain: FA and FD are read against the retrain row directly."""
         return {}
 
-    def artifacts(self, model: nn.Module, name: str, folder: Path) -> list[Path]:
-        """`grid_<name>.png`: `eval.grid_per_class` samples per class, one row a class (copied to out_dir too)."""
+    def artifacts(self, model: nn.Module, name: str, folder: Path, out: DiffusionOutputs | None = None) -> list[Path]:
+        """`grid_<name>.png`: `eval.grid_per_class` samples per class, one row a class (copied to out_dir too);
+        the grid `evaluate` drew (`out`), or drawn here when there is none."""
         per_class = self.spec.eval.grid_per_class
-        images, _ = self.generate(model, per_class, self.spec.seed + 1)
+        images = out.grid if out is not None and out.grid is not None else \
+            self.generate(model, per_class, self.spec.seed + 1)[0]
         path = save_grid(images, per_class, self.class_names, self.forgotten, Path(folder) / f"grid_{name}.png",
                          f"{self.spec.name}: {name}")
         if self.out_dir is not None:

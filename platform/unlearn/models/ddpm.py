@@ -111,11 +111,14 @@ def pseudo_label_loss(model: nn.Module, batch: Batch, pseudo_labels: torch.Tenso
 
 @torch.no_grad()
 def sample(model: nn.Module, labels: torch.Tensor, steps: int = 50, guidance_scale: float = 1.0,
-           generator: torch.Generator | None = None, batch_size: int = 500) -> torch.Tensor:
+           generator: torch.Generator | None = None, batch_size: int = 500,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
     """Images in [0, 1] (CPU tensor, N x C x H x W) conditioned on `labels`, by `steps` DDIM steps (eta 0).
 
     Classifier-free guidance when `guidance_scale` != 1: ε = ε_uncond + s (ε_cond − ε_uncond).
-    The starting noise is drawn on the CPU from `generator`, so a seed gives the same images anywhere.
+    The starting noise is drawn on the CPU from `generator`, so a seed gives the same images anywhere; or
+    given as `noise` (a worker sampling its share of a set passes its rows of the set's noise). DDIM with
+    eta 0 adds no noise after the start, so each image depends only on its own starting noise and label.
     """
     from diffusers import DDIMScheduler
 
@@ -126,7 +129,8 @@ def sample(model: nn.Module, labels: torch.Tensor, steps: int = 50, guidance_sca
     ddim = DDIMScheduler.from_config(core.scheduler.config, timestep_spacing="trailing")
     ddim.set_timesteps(steps)
     labels = torch.as_tensor(labels, dtype=torch.long)
-    noise = torch.randn((len(labels), *core.image_shape), generator=generator)
+    if noise is None:
+        noise = torch.randn((len(labels), *core.image_shape), generator=generator)
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)

@@ -1,4 +1,4 @@
-"""`unlearn run | tune | methods | report`: wiring only; the work lives in job.py, tuning.py, tracking.py.
+"""`unlearn run | tune | methods | report`: wiring only; the work lives in job.py, tuning/, tracking.py.
 
 Exit codes: 0 done, 2 bad spec or usage (one line naming the cause), 1 failure.
 """

@@ -506,7 +506,7 @@ def test_streamed_data_keeps_every_worker_in_step_across_passes(ray_session, dig
     forget and a retain batch every step; the small forget split is passed over again every other step while
     the retain split is mid-pass, and every worker must start each pass at the same step (Ray Data's epoch
     barrier): one table shared by both streams deadlocked here."""
-    results = run_job(_job(digits, [{"name": "rl", "params": {"steps": 6}}], enabled=True, num_workers=2,
+    results = run_job(_job(digits, [{"name": "rl", "params": {"steps": 6, "schedule": "paired"}}], enabled=True, num_workers=2,
                            data="streaming"), tmp_path / "out")
     assert not results["failed"]
     assert results["methods"]["rl"]["FA"] < results["methods"]["original"]["FA"] - 10
@@ -514,7 +514,7 @@ def test_streamed_data_keeps_every_worker_in_step_across_passes(ray_session, dig
 
 @pytest.mark.slow
 def test_streamed_data_runs_the_job_and_forgets(ray_session, digits, tmp_path):
-    methods = [{"name": "rl", "params": {"steps": 40}}, {"name": "delete"}]
+    methods = [{"name": "rl", "params": {"steps": 40, "schedule": "paired"}}, {"name": "delete"}]
     results = run_job(_job(digits, methods, enabled=True, num_workers=2, data="streaming"), tmp_path / "out")
     assert not results["failed"]
     original = results["methods"]["original"]

@@ -554,6 +554,26 @@ def test_each_method_lowers_forget_accuracy_on_digits(name, digits_original):
     assert all(np.isfinite(v) for row in out.history for v in row.values())
 
 
+@pytest.mark.parametrize("name", ["rl", "salun"])
+def test_release_schedule_takes_a_forget_pass_then_a_retain_pass_each_epoch(name, digits_original):
+    """`schedule: release` (the SalUn release's epoch): ceil(|D_f|/B) random-label updates, then ceil(|D_r|/B)
+    retain updates, every epoch; `paired` takes both terms at every step of a retain pass."""
+    import math
+
+    splits, request, executor, state, _ = digits_original
+    batch = 64
+    forget_steps, retain_steps = math.ceil(len(splits.forget) / batch), math.ceil(len(splits.remain) / batch)
+    out = executor.run(request(name, {"schedule": "release", "epochs": 2, "batch_size": batch}, state, splits.forget,
+                               splits.remain), verbose=False)
+    phases = ["forget" if "forget_loss" in row else "retain" for row in out.history]
+    assert all(("forget_loss" in row) != ("retain_loss" in row) for row in out.history)  # one term per update
+    assert phases == (["forget"] * forget_steps + ["retain"] * retain_steps) * 2
+    paired = executor.run(request(name, {"schedule": "paired", "epochs": 1, "batch_size": batch}, state,
+                                  splits.forget, splits.remain), verbose=False)
+    assert len(paired.history) == retain_steps
+    assert all({"forget_loss", "retain_loss"} <= set(row) for row in paired.history)
+
+
 def test_tarf_phase_two_ascends_on_the_identified_samples_too():
     forget = make_batches(2, 8, seed=18, labels=4)
     retain = make_batches(5, 8, seed=19, start=1000)

@@ -83,3 +83,45 @@ def test_concept_data_mismatch_with_given(digits):
 def test_bad_superclass_is_named(digits):
     with pytest.raises(SpecError, match="forget.target"):
         make_splits(digits, ForgetSpec(kind="concept", mismatch="data", target=9), 0)
+
+
+def test_the_validation_split_is_held_out_of_the_test_part_and_leaves_the_members_alone(digits):
+    plain = make_splits(digits, ForgetSpec(kind="class", classes=[3]), 0)
+    s = make_splits(digits, ForgetSpec(kind="class", classes=[3]), 0, validation_fraction=0.2)
+    assert len(plain.validation) == 0 and len(s.validation) > 0
+    assert len(np.intersect1d(s.validation.index, s.test.index)) == 0  # disjoint from the reported test split
+    assert np.array_equal(np.union1d(s.validation.index, s.test.index), plain.test.index)  # together: the old test
+    assert not np.isin(s.validation.y, [3]).any()
+    for name in ("train", "forget", "retain", "remain", "target"):  # members unchanged (and the original's data)
+        assert np.array_equal(getattr(s, name).index, getattr(plain, name).index), name
+    again = make_splits(digits, ForgetSpec(kind="class", classes=[3]), 0, validation_fraction=0.2)
+    assert np.array_equal(again.validation.index, s.validation.index)
+    tuning = s.for_tuning()
+    assert tuning.test is s.validation and tuning.retain is s.retain
+    with pytest.raises(SpecError, match="eval.validation_fraction"):
+        plain.for_tuning()
+
+
+def _concept_job(tmp_path, methods, **forget):
+    from unlearn import spec as spec_mod
+
+    return spec_mod.validate({
+        "name": "told", "dataset": {"name": "digits"}, "model": {"name": "mlp", "hidden": [16]},
+        "forget": {"kind": "concept", "mismatch": "target", "target": 3, **forget},  # as digits-concept-target
+        "methods": methods, "ray": {"enabled": False}, "cache_dir": str(tmp_path / "cache")})
+
+
+def test_methods_are_told_the_concept_only_where_the_spec_says(tmp_path):
+    """forget.concept_known (or a method entry's own) decides whether CURE's methods get the concept's classes."""
+    from unlearn.job import prepare
+
+    methods = [{"name": "grogu"}, {"name": "gsr", "label": "gsr-told", "concept_known": True}]
+    prep = prepare(_concept_job(tmp_path, methods))
+    hidden = sorted(set(prep.splits.target_labels) - set(np.unique(prep.splits.forget.y).tolist()))
+    assert hidden  # target mismatch: the concept has classes the forget set does not show
+    assert prep.methods[0].params.mask_classes is None
+    assert prep.methods[1].params.mask_classes == prep.splits.target_labels
+    everyone = prepare(_concept_job(tmp_path, methods[:1], concept_known=True))
+    assert everyone.methods[0].params.mask_classes == prep.splits.target_labels
+    with pytest.raises(SpecError, match=r"methods\.0\.params\.mask_classes.*not told"):
+        prepare(_concept_job(tmp_path, [{"name": "grogu", "params": {"mask_classes": hidden}}]))

@@ -196,3 +196,59 @@ def test_engine_trials_run_ray_train_inside_tune_and_free_their_workers_when_sto
         assert trial["status"] in ("completed", "early_stopped") and trial["executions"] == 1
         assert {"FA", "RA", "TA", "MIA", "gap", "proxy"} <= set(trial["metrics"])
     assert result["counts"]["completed"] >= 1 and result["counts"]["early_stopped"] >= 1
+
+
+VOLATILE = ("wall_seconds", "mlflow")  # timings and MLflow run ids; trial ids (random prefix) and seconds below
+
+
+def _selection(tune_json: Path) -> str:
+    """tune.json without what differs between two identical searches (wall time, run and trial ids)."""
+    data = json.loads(tune_json.read_text())
+    for key in VOLATILE:
+        data.pop(key)
+    for row in data["trials"]:
+        row["trial_id"] = row["trial_id"].rsplit("_", 1)[-1]
+        row.pop("seconds")
+    data["best"]["trial_id"] = data["best"]["trial_id"].rsplit("_", 1)[-1]
+    return json.dumps(data, sort_keys=True)
+
+
+def test_nothing_tune_selects_reads_the_reported_test_split(ray_session, tmp_path, monkeypatch):
+    """The same search twice, once with the reported test split's images shuffled across its labels (its TA
+    becomes chance): best.yaml is byte-identical and tune.json differs only in timings and ids."""
+    import numpy as np
+
+    import unlearn.data
+    from unlearn.data.scenarios import validation_rows
+    from unlearn.job import prepare
+
+    real_load = unlearn.data.load_dataset
+
+    def shuffled_test_split(spec, seed, cache_dir):
+        ds = real_load(spec, seed, cache_dir)
+        reported = np.flatnonzero(~validation_rows(len(ds.y_test), 0.2, 0))
+        ds.x_test[reported] = ds.x_test[np.random.default_rng(1).permutation(reported)]
+        return ds
+
+    import shutil
+
+    job = _job(tmp_path, search="random", scheduler="fifo", max_concurrent=1, in_process=True)
+    job["cache_dir"] = str(tmp_path / "cache")  # the data store is built from the loader into it, per search
+    job["tracking"] = {"enabled": False}
+    path, out = _write(tmp_path / "job.yaml", job), tmp_path / "out"
+    outputs = {}
+    for name in ("clean", "shuffled"):
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        if name == "shuffled":
+            monkeypatch.setattr(unlearn.data, "load_dataset", shuffled_test_split)
+        assert _main(["tune", str(path), "--method", "ga", "--num-samples", "2", "--out", str(out)]) == 0
+        splits = prepare(spec_mod.load(path)).splits
+        outputs[name] = (_selection(out / "tune.json"), (out / "best.yaml").read_bytes(), splits.test.x,
+                         splits.validation.x)
+    clean, shuffled = outputs["clean"], outputs["shuffled"]
+    assert not np.array_equal(clean[2], shuffled[2])  # the reported test split really changed ...
+    assert np.array_equal(clean[3], shuffled[3])  # ... the validation split did not
+    assert json.loads(clean[0])["splits"]["TA"] == "validation split"
+    assert shuffled[1] == clean[1]
+    assert shuffled[0] == clean[0]

@@ -121,7 +121,7 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
         start_step = int(resume["step"])
     model = wrap(module)
     optimizer = method.optimizer(model)
-    steps = loop.total_steps(method, forget.size, retain.size)
+    steps = loop.total_steps(method, forget.size, retain.size, request.task)
     scheduler = loop.lr_scheduler(optimizer, method.params.lr_schedule, steps)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])

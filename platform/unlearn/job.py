@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from unlearn import plots
@@ -25,7 +26,7 @@ from unlearn.errors import BadInput, SpecError
 from unlearn.evaluation import build_evaluator
 from unlearn.execution import Executor, LocalExecutor, RunOutput, RunRequest, new_model
 from unlearn.methods import Method, validate_methods
-from unlearn.spec import JobSpec, MethodSpec, dump
+from unlearn.spec import ForgetSpec, JobSpec, MethodSpec, dump
 from unlearn.tasks import task_of
 from unlearn.tracking import flatten, make_tracker
 from unlearn.training import cached_original, original_request, recipe_params, save_original
@@ -51,13 +52,41 @@ def prepare(spec: JobSpec) -> Prepared:
     task = task_of(spec.model.name)
     methods = validate_methods(spec.methods, task)
     dataset = open_dataset(spec)
-    splits = make_splits(dataset, spec.forget, spec.seed)
+    splits = make_splits(dataset, spec.forget, spec.seed, spec.eval.validation_fraction)
+    methods = [tell_target(m, entry, spec.forget, splits, f"methods.{i}") for i, (m, entry) in
+               enumerate(zip(methods, spec.methods))]
     for i, method in enumerate(methods):  # e.g. CURE needs classes outside the forget set
         try:
             method.check_data(splits.forget.y, splits.num_outputs)
         except SpecError as err:
             raise SpecError(f"methods.{i}.{err.field}", str(err).split(": ", 1)[-1]) from None
     return Prepared(spec, task, methods, dataset, splits, tuple(dataset.input_shape))
+
+
+def concept_known(entry: MethodSpec, forget: ForgetSpec) -> bool:
+    """Whether a method is told the whole target concept (its entry's setting, else the job's)."""
+    return forget.concept_known if entry.concept_known is None else entry.concept_known
+
+
+def tell_target(method: Method, entry: MethodSpec, forget: ForgetSpec, splits: Splits, field: str) -> Method:
+    """Hand a method what the spec says it knows of a concept target (see ForgetSpec.concept_known).
+
+    Told: a method with `mask_classes` gets the concept's classes (unless its params name them). Not told: its
+    params may not name the concept's hidden classes (that would tell it after all), so the table never mixes
+    the two unawares."""
+    if forget.kind != "concept" or "mask_classes" not in type(method.params).model_fields:
+        return method
+    hidden = sorted(set(splits.target_labels) - set(np.unique(splits.forget.y).tolist()))
+    named = method.params.mask_classes
+    if concept_known(entry, forget):
+        if named is None:
+            method.params = method.params.model_copy(update={"mask_classes": [int(c) for c in splits.target_labels]})
+    elif named and set(named) & set(hidden):
+        raise SpecError(f"{field}.params.mask_classes",
+                        f"names classes {sorted(set(named) & set(hidden))} of the target concept that the methods "
+                        "are not told (forget.concept_known is false); set concept_known: true on this method "
+                        "entry to tell it")
+    return method
 
 
 def open_dataset(spec: JobSpec) -> Any:
@@ -127,7 +156,8 @@ def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
     classifier = prep.task == "classification"  # other tasks: an evaluator built here, run on the workers
     job = GroupJob(requests=requests, base_state=base, eval_splits=("target", "retain", "test") if classifier else None,
                    evaluator=None if classifier else build_evaluator(prep.task, prep.splits, spec, prep.dataset),
-                   mia=spec.eval.mia, seed=spec.seed, splits_recipe=SplitsRecipe(prep.dataset, spec.forget, spec.seed),
+                   mia=spec.eval.mia, seed=spec.seed, splits_recipe=SplitsRecipe(prep.dataset, spec.forget, spec.seed,
+                                                                    spec.eval.validation_fraction),
                    data_mode=spec.ray.data if spec.ray.enabled else "exact")
     return job, info
 
@@ -264,7 +294,8 @@ def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | Non
                 "model": spec.model.name,
                 "forget": splits.describe,
                 "label_level": splits.label_level,
-                "sizes": {k: v for k, v in splits.sizes().items() if k in ("forget", "retain", "test", "remain", "target")},
+                "sizes": {k: v for k, v in splits.sizes().items()
+                          if k in ("forget", "retain", "test", "remain", "target", "validation")},
                 "original_cached": info["cached"],
                 "methods": {name: _clean(m) for name, m in results.items()},
                 "engine": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in engine.items()}
@@ -273,6 +304,8 @@ def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | Non
                 "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                            "parent_run": parent or None, "runs": recorder.run_ids},
             }
+            if spec.forget.kind == "concept":  # what each run was told of the target concept
+                payload["concept_known"] = {e.run_name: concept_known(e, spec.forget) for e in spec.methods}
             write_json_atomic(payload, out_dir / "results.json")
             with tempfile.TemporaryDirectory() as tmp:
                 shown = {n: m for n, m in payload["methods"].items() if "error" not in m}

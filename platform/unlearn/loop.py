@@ -49,16 +49,23 @@ def array_stream(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int, ra
     return stream
 
 
-def total_steps(method: Method, forget_size: int, retain_size: int) -> int:
-    """`steps` if declared, else `epochs` passes over the primary stream at the global batch size."""
+def total_steps(method: Method, forget_size: int, retain_size: int, task: str = "classification") -> int:
+    """`steps` if declared, else `epochs` epochs (passes over the primary stream at the global batch size,
+    or the method's own `epoch_steps`)."""
     p = method.params
     if p.steps is not None:
         return p.steps
+    own = method.epoch_steps(forget_size, retain_size, task)
+    if own is not None:
+        return max(1, math.ceil(p.epochs * own))
     size = forget_size if method.primary == "forget" else retain_size
     return max(1, math.ceil(p.epochs * size / p.batch_size))
 
 
-def steps_per_epoch(method: Method, forget_size: int, retain_size: int) -> int:
+def steps_per_epoch(method: Method, forget_size: int, retain_size: int, task: str = "classification") -> int:
+    own = method.epoch_steps(forget_size, retain_size, task)
+    if own is not None:
+        return max(1, own)
     size = forget_size if method.primary == "forget" else retain_size
     return max(1, math.ceil(size / method.params.batch_size))
 
@@ -111,7 +118,7 @@ def run(method: Method, ctx: Context, forget: Stream, retain: Stream, *, start_s
     method.setup(ctx)
     if ctx.resume_method_state:
         method.load_state_dict(ctx.resume_method_state)
-    per_epoch = steps_per_epoch(method, forget.size, retain.size)
+    per_epoch = steps_per_epoch(method, forget.size, retain.size, ctx.task)
     n_epochs = math.ceil(ctx.total_steps / per_epoch)
     forget_it = forget.batches() if "forget" in method.uses else None
     retain_it = retain.batches() if "retain" in method.uses else None

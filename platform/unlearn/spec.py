@@ -184,6 +184,10 @@ class ForgetSpec(Strict):
     mismatch: Literal["all_matched", "target", "model", "data"] = "all_matched"
     target: int | None = Field(None, ge=0)
     given: list[int] | None = None
+    # What the methods are told about a concept target: false, only the forget set (the given classes); true,
+    # methods that can use it (CURE's gsr/ghr/grogu: `mask_classes`) are handed the whole concept's classes.
+    # A method entry's own `concept_known` overrides it (one table can show both).
+    concept_known: bool = False
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "ForgetSpec":
@@ -203,6 +207,7 @@ class MethodSpec(Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None  # run name when one method appears twice (e.g. two settings)
+    concept_known: bool | None = None  # None: the job's forget.concept_known
 
     @property
     def run_name(self) -> str:
@@ -247,6 +252,10 @@ class TuneSpec(Strict):
 
 class EvalSpec(Strict):
     mia: bool = True
+    # Share of the test part held out as the validation split: the non-members (TA, MIA) that `unlearn tune`
+    # selects on; reported tables use the rest of the test part and never see it. 0: no validation split
+    # (then `unlearn tune` refuses to run).
+    validation_fraction: float = Field(0.2, ge=0.0, le=0.9)
     samples_per_class: int = Field(64, ge=1, le=100_000)  # diffusion: generated images per class
     grid_per_class: int = Field(8, ge=1, le=64)
     # diffusion: a local torchvision inception_v3 state dict; when given, FID is reported beside FD (never downloaded)

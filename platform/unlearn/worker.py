@@ -139,7 +139,8 @@ def run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dict
         metrics, outputs = evaluator.evaluate(module.to(env.device)) if evaluator is not None else (None, None)
         return RunOutput(state=None, seconds=0.0, metrics=metrics, outputs=outputs, label=request.label)
     batch_size = request.params.batch_size
-    steps = loop.total_steps(request.method_class(request.params), len(request.forget), len(request.retain))
+    steps = loop.total_steps(request.method_class(request.params), len(request.forget), len(request.retain),
+                             request.task)
     streams = []
     for k, (name, split) in enumerate((("forget", request.forget), ("retain", request.retain))):
         if split.name in env.data_shards:  # data: streaming (bounded memory, not step-exact)

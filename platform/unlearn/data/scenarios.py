@@ -14,7 +14,7 @@ outside the whole target concept). FA and MIA are measured on `target`, RA on `r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -102,17 +102,26 @@ class Splits:
     remain: Split  # train minus forget: the methods' retain stream
     retain: Split  # train minus the whole target concept: retrain's data, RA
     target: Split  # all training data of the target concept: FA, MIA
-    test: Split  # test data outside the target concept: TA
+    test: Split  # test data outside the target concept and the validation rows: TA (reported)
+    validation: Split  # held-out test rows outside the target concept: what tuning reads instead of `test`
     target_labels: list[int]  # model-level labels the target concept occupies (empty for random)
     describe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in SPLIT_NAMES:  # each split knows its name (streamed data is keyed on it)
-            getattr(self, name).name = name
+            split = getattr(self, name)
+            split.name = split.name or name
 
     def sizes(self) -> dict[str, int]:
         return {"forget": len(self.forget), "retain": len(self.retain), "test": len(self.test),
-                "remain": len(self.remain), "target": len(self.target)}
+                "remain": len(self.remain), "target": len(self.target), "validation": len(self.validation)}
+
+    def for_tuning(self) -> "Splits":
+        """The splits a search scores on: the validation rows stand in for the test split everywhere (TA, MIA
+        non-members, KL), so nothing selected by tuning ever read the reported test split."""
+        if not len(self.validation):
+            raise SpecError("eval.validation_fraction", "tuning needs a validation split: set it above 0")
+        return replace(self, test=self.validation)
 
 
 class SplitsRecipe:
@@ -120,13 +129,14 @@ class SplitsRecipe:
     splits' row ids, so the job a driver ships does not grow with the dataset. `make_splits` is
     deterministic, so every worker rebuilds exactly the driver's splits (from the store's labels)."""
 
-    def __init__(self, dataset: Any, forget: ForgetSpec, seed: int) -> None:
+    def __init__(self, dataset: Any, forget: ForgetSpec, seed: int, validation_fraction: float = 0.0) -> None:
         self.dataset, self.forget, self.seed = dataset, forget, seed
+        self.validation_fraction = validation_fraction
         self._splits: Splits | None = None
 
     def splits(self) -> "Splits":
         if self._splits is None:
-            self._splits = make_splits(self.dataset, self.forget, self.seed)
+            self._splits = make_splits(self.dataset, self.forget, self.seed, self.validation_fraction)
         return self._splits
 
     def split(self, name: str) -> Split:
@@ -140,7 +150,7 @@ class SplitsRecipe:
         return {**self.__dict__, "_splits": None}
 
 
-SPLIT_NAMES = ("forget", "remain", "retain", "train", "target", "test")
+SPLIT_NAMES = ("forget", "remain", "retain", "train", "target", "test", "validation")
 
 
 def _take(rows: Rows, y: np.ndarray, mask: np.ndarray) -> Split:
@@ -161,8 +171,17 @@ def _check_classes(ds: ImageDataset, classes: list[int], field_name: str) -> Non
         raise SpecError(field_name, f"class {bad[0]} is not in dataset '{ds.name}' (classes are 0..{ds.num_classes - 1})")
 
 
-def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int) -> Splits:
-    """Build every split a job needs from a dataset (or its row store: labels only) and a forget spec."""
+def validation_rows(n_test: int, fraction: float, seed: int) -> np.ndarray:
+    """Which rows of the test part are held out for validation (a mask): a seeded random `fraction` of them,
+    drawn apart from the forget set's draw, so the members side (and the original's cache key) is unchanged."""
+    mask = np.zeros(n_test, dtype=bool)
+    mask[np.random.default_rng([seed, 0x5A11D]).permutation(n_test)[:int(round(fraction * n_test))]] = True
+    return mask
+
+
+def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int, validation_fraction: float = 0.0) -> Splits:
+    """Build every split a job needs from a dataset (or its row store: labels only) and a forget spec;
+    `validation_fraction` of the test part becomes the validation split (see `validation_rows`)."""
     cls_train, cls_test, train_rows, test_rows = _labels_and_rows(ds)
     sup_train, sup_test = ds.superclass_of[cls_train], ds.superclass_of[cls_test]
     describe: dict[str, Any] = {"kind": spec.kind}
@@ -195,6 +214,7 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int) -> Splits:
         raise SpecError("forget", "the forget set is empty (no training sample matches the forget spec)")
     if target_train.all():
         raise SpecError("forget", "the forget spec covers the whole training set: nothing would be retained")
+    held_out = validation_rows(len(labels_test), validation_fraction, seed)
     splits = Splits(
         label_level=level,
         num_outputs=n_out,
@@ -203,7 +223,8 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int) -> Splits:
         remain=_take(train_rows, labels_train, ~given),
         retain=_take(train_rows, labels_train, ~target_train),
         target=_take(train_rows, labels_train, target_train),
-        test=_take(test_rows, labels_test, ~target_test),
+        test=_take(test_rows, labels_test, ~target_test & ~held_out),
+        validation=_take(test_rows, labels_test, ~target_test & held_out),
         target_labels=target_labels,
         describe=describe,
     )

@@ -84,6 +84,11 @@ class Method(abc.ABC):
         """Before any work: raise SpecError (field relative to the method entry) if the method cannot run on
         this forget set. Most methods can run on any."""
 
+    def epoch_steps(self, forget_size: int, retain_size: int, task: str) -> int | None:
+        """Steps in one epoch when a method's epoch is not one pass over its primary stream (e.g. a forget
+        pass then a retain pass); None: ceil(primary size / batch size)."""
+        return None
+
     def setup(self, ctx: Context) -> None:
         """Once before the first step."""
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 
 from unlearn.methods import register
@@ -41,14 +44,51 @@ def random_label_loss(ctx: Context, forget: Batch, retain: Batch, retain_weight:
     return forget_loss + retain_weight * retain_loss, {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
 
 
+RELEASE_SCHEDULE = ("SalUn release (Unlearn-Saliency, classification RL/SalUn): each epoch one pass over D_f "
+                    "with random labels, then one pass over D_r; its DDPM script pairs a forget and a retain "
+                    "batch at every iteration")
+
+
+def forget_phase(step: int, forget_size: int, retain_size: int, batch_size: int) -> bool:
+    """`schedule: release`: whether `step` falls in its epoch's forget pass (ceil(|D_f|/B) forget updates open
+    every epoch, then ceil(|D_r|/B) retain updates)."""
+    forget_steps = math.ceil(forget_size / batch_size)
+    return step % (forget_steps + math.ceil(retain_size / batch_size)) < forget_steps
+
+
+def release_epoch_steps(params: MethodParams, forget_size: int, retain_size: int, task: str) -> int | None:
+    """Steps per epoch of RL/SalUn: a forget pass plus a retain pass (`release`), or a retain pass (`paired`)."""
+    if params.schedule == "paired" or task == "diffusion":
+        return None
+    return math.ceil(forget_size / params.batch_size) + math.ceil(retain_size / params.batch_size)
+
+
+def scheduled_random_label_loss(ctx: Context, forget: Batch, retain: Batch, params: MethodParams
+                                ) -> tuple[torch.Tensor, dict[str, float]]:
+    """RL's loss under its schedule: paired (both terms every step), or the release's forget pass (the random-
+    label term alone) and retain pass (the retain term alone)."""
+    if params.schedule == "paired" or ctx.task == "diffusion":
+        return random_label_loss(ctx, forget, retain, params.retain_weight)
+    if forget_phase(ctx.step, ctx.forget_size, ctx.retain_size, params.batch_size):
+        wrong = random_other_labels(forget.y, ctx.num_classes, forget.index, salt=ctx.seed * 1_000_003 + ctx.step)
+        forget_loss = ctx.relabel_loss(ctx.model, forget, wrong).mean()
+        return forget_loss, {"forget_loss": forget_loss.item()}
+    retain_loss = ctx.loss(ctx.model, retain).mean()
+    return params.retain_weight * retain_loss, {"retain_loss": retain_loss.item()}
+
+
 class RLParams(MethodParams):
     lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1),
                        paper="Golatkar et al. 2020; settings of SalUn's RL baseline (lr ~0.01, SGD momentum 0.9)",
                        help="learning rate")
     epochs: float = hparam(4.0, gt=0, le=1000, search=loguniform(1, 20),
-                           paper="SalUn's RL baseline: 10 epochs over D_f ∪ D_r; 4 retain passes on digits (one pass "
-                                 "leaves RA 10-25 points down, the retain data must repair it)",
-                           help="passes over the retain data (each step also takes a forget batch)")
+                           paper="SalUn's RL baseline: 10 epochs over D_f ∪ D_r; 4 on digits (one epoch leaves RA "
+                                 "10-25 points down, the retain data must repair it)",
+                           help="epochs: a forget pass then a retain pass each (`paired`: retain passes, each step "
+                                "also taking a forget batch)")
+    schedule: Literal["release", "paired"] = hparam("release", paper=RELEASE_SCHEDULE,
+                                                    help="release: a forget pass then a retain pass per epoch; "
+                                                         "paired: a forget and a retain batch every step")
     retain_weight: float = hparam(1.0, ge=0, le=100, search=uniform(0.0, 2.0),
                                   paper="SalUn (classification): forget and retain batches weigh the same",
                                   help="weight of the retain loss")
@@ -64,7 +104,10 @@ class RL(Method):
     paper = "Golatkar et al. 2020 (random labels); as run by Fan et al. 2024 (SalUn)"
     summary = "fine-tune on the forget data with random wrong labels plus the retain data"
 
+    def epoch_steps(self, forget_size: int, retain_size: int, task: str) -> int | None:
+        return release_epoch_steps(self.params, forget_size, retain_size, task)
+
     def step(self, ctx: Context, forget: Batch | None, retain: Batch | None) -> dict[str, float]:
-        loss, logged = random_label_loss(ctx, forget, retain, self.params.retain_weight)
+        loss, logged = scheduled_random_label_loss(ctx, forget, retain, self.params)
         self.apply(ctx, loss)
         return logged

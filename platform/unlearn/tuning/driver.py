@@ -38,6 +38,9 @@ from unlearn.tuning.outputs import (
 from unlearn.tuning.space import Plan, plan_search
 from unlearn.tuning.trials import DRIVER_CPU, TRIALS_DIR, Shared, _plain, run_trial
 
+# Where each number in tune.json comes from (members: the training data; non-members: the validation rows).
+SELECTED_ON = {"FA": "forget set (training data)", "RA": "retain set (training data)",
+               "TA": "validation split", "MIA": "retain set vs validation split", "KL": "validation split"}
 STATE_FILE = "tune-state.json"
 SEARCH_DIR = "search"  # Tune's experiment folder inside DIR
 
@@ -207,7 +210,10 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
     spec, t0 = plan.spec, time.perf_counter()
     started = _ensure_ray(plan)
     try:
+        # Every number the search reads uses the validation rows as its non-members (TA, MIA, KL): what the
+        # reported tables use (the test split) is never read here.
         prep = prepare(spec)
+        prep = replace(prep, splits=prep.splits.for_tuning())
         executor = _LazyExecutor(spec)
         weights, _ = original_model(spec, prep.splits, prep.input_shape, executor, prep.task)
         evaluator = ClassificationEvaluator(prep.splits, mia=spec.eval.mia, seed=spec.seed)
@@ -264,6 +270,8 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
             "defaults": {k: _plain(v) for k, v in plan.defaults.items()},
             "proxy_targets": {k: getattr(targets, k) for k in ("FA", "RA", "TA", "MIA", "labels_leave")},
             "reference": references,
+            "splits": SELECTED_ON | {"validation_rows": len(prep.splits.validation),
+                                     "validation_fraction": spec.eval.validation_fraction},
             "interrupted": interrupted,
             "counts": {s: sum(r["status"] == s for r in rows)
                        for s in ("completed", "early_stopped", "diverged", "error", "unfinished")},
@@ -276,8 +284,12 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
             payload["best"] = {"trial_id": best["trial_id"], "config": best["config"], "params": params,
                                "metrics": best["metrics"], "status": best["status"]}
             text = yaml.safe_dump(best_spec(plan, params), sort_keys=False)
-            note = (f"# unlearn tune: best of {len(rows)} {plan.method} trials (trial {best['trial_id']}, "
-                    f"{plan.metric} {_short(best['metrics'].get(plan.metric))}); run it with `unlearn run best.yaml`\n")
+            # The trial's number, not its id (Tune draws a random id prefix per search): same search, same file.
+            number = best["trial_id"].rsplit("_", 1)[-1]
+            note = (f"# unlearn tune: best of {len(rows)} {plan.method} trials (trial {number}, "
+                    f"{plan.metric} {_short(best['metrics'].get(plan.metric))}); run it with `unlearn run best.yaml`\n"
+                    f"# selected on the validation split ({len(prep.splits.validation)} held-out test rows, "
+                    f"eval.validation_fraction {spec.eval.validation_fraction}); the reported test split was not read\n")
             write_text_atomic(note + text, out_dir / "best.yaml")
         _log_mlflow(tracker, plan, rows, payload, out_dir, state)
         state.save()

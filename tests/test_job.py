@@ -147,3 +147,37 @@ def test_nan_loss_fails_the_run_in_mlflow(tmp_path, capsys):
     assert results["failed"] == ["ga"] and "became" in results["methods"]["ga"]["error"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
     assert client.get_run(results["mlflow"]["runs"]["ga"]).info.status == "FAILED"
+
+
+def test_seeds_run_the_whole_job_per_seed_and_report_mean_and_std(tmp_path):
+    """`--seeds 2`: each seed its own original, retrain and method runs; results.json holds the mean (under the
+    usual names), the sample std and every seed's numbers; MLflow nests each seed's job under one run."""
+    import numpy as np
+
+    job = {"name": "two-seeds", "dataset": {"name": "digits"}, "model": {"name": "mlp", "hidden": [32]},
+           "train": {"epochs": 6}, "forget": {"kind": "random", "fraction": 0.1},
+           "methods": [{"name": "retrain", "params": {"epochs": 4}}, {"name": "ft", "params": {"steps": 10}}],
+           "ray": {"enabled": False}, "tracking": {"uri": f"sqlite:///{tmp_path / 'mlruns.db'}"},
+           "cache_dir": str(tmp_path / "cache")}
+    (tmp_path / "job.yaml").write_text(spec_mod.dump(spec_mod.validate(job)))
+    codes: list[int] = []
+    cli.main(["run", str(tmp_path / "job.yaml"), "--seeds", "2", "--out", str(tmp_path / "out")], exit=codes.append)
+    assert codes == [0]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and not results["failed"]
+    per_seed = {s: json.loads((tmp_path / "out" / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
+    assert per_seed[0]["forget"] != per_seed[1]["forget"] or per_seed[0]["methods"] != per_seed[1]["methods"]
+    assert len(list((tmp_path / "cache" / "models").glob("*.pt"))) == 2  # an original per seed
+    for name in ("original", "retrain", "ft"):
+        values = [per_seed[s]["methods"][name]["RA"] for s in (0, 1)]
+        row = results["methods"][name]
+        assert row["RA"] == pytest.approx(np.mean(values), abs=1e-4)
+        assert row["RA_std"] == pytest.approx(np.std(values, ddof=1), abs=1e-4)
+        assert row["per_seed"]["1"]["RA"] == values[1]
+    client = MlflowClient(results["mlflow"]["tracking_uri"])
+    for s, seed_run in results["mlflow"]["seed_runs"].items():
+        assert client.get_run(seed_run).data.tags["mlflow.parentRunId"] == results["mlflow"]["parent_run"]
+        ft_run = results["mlflow"]["runs_per_seed"][s]["ft"]
+        assert client.get_run(ft_run).data.tags["mlflow.parentRunId"] == seed_run
+    parent = client.get_run(results["mlflow"]["parent_run"]).data.metrics
+    assert parent["ft.RA_std"] == pytest.approx(results["methods"]["ft"]["RA_std"])

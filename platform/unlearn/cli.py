@@ -22,6 +22,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from unlearn.job import run_job
 
     spec = spec_mod.load(args.job, args.set)
+    if args.seeds is not None:  # --seeds N: the spec's seed and the N - 1 after it
+        spec = spec_mod.validate({**spec.model_dump(mode="json"), "seeds": list(range(spec.seed, spec.seed + args.seeds))})
     results = run_job(spec, Path(args.out) if args.out else None)
     if results["failed"]:  # every other run finished and is written; one line per run that did not
         for label in results["failed"]:
@@ -78,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("job", nargs="?", default=str(DEFAULT_JOB), help="job spec YAML (default: jobs/quickstart.yaml)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec field, e.g. ray.num_workers=1")
     run.add_argument("--out", help="results folder (default: results/<name>/)")
+    run.add_argument("--seeds", type=int, metavar="N", help="run the job for N seeds (from the spec's seed) and "
+                                                          "report mean ± std")
     run.set_defaults(fn=cmd_run)
     methods = sub.add_parser("methods", help="list methods, their parameters, defaults and sources")
     methods.set_defaults(fn=cmd_methods)

@@ -262,7 +262,19 @@ def _versus_reference(metrics: dict, out: Any, ref_metrics: dict, ref_out: Any) 
 
 
 def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | None = None) -> dict[str, Any]:
-    """Run a whole job; writes results.json in `out_dir` and returns its content (`failed` lists failed runs)."""
+    """Run a whole job; writes results.json in `out_dir` and returns its content (`failed` lists failed runs).
+
+    With `seeds`, the job runs once per seed (see `unlearn.seeds`) and results.json holds the mean ± std."""
+    if spec.seeds is not None:
+        from unlearn.seeds import run_seeds
+
+        return run_seeds(spec, out_dir, executor)
+    return run_one_seed(spec, out_dir, executor)
+
+
+def run_one_seed(spec: JobSpec, out_dir: Path | None = None, executor: Executor | None = None,
+                 parent_run: str | None = None) -> dict[str, Any]:
+    """The job at `spec.seed` (`parent_run`: the MLflow run of a multi-seed job to nest under)."""
     out_dir = Path(out_dir or Path("results") / spec.name)
     check_writable(out_dir)
     prep = prepare(spec)
@@ -277,7 +289,8 @@ def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | Non
         print(f"original model: training {spec.model.name} on {len(splits.train)} samples "
               f"({spec.train.epochs} epochs), first in the queue", file=sys.stderr, flush=True)
     try:
-        with tracker.run(spec.name, tags={"unlearn.kind": "job"}) as parent:
+        name = spec.name if parent_run is None else f"{spec.name}-seed{spec.seed}"
+        with tracker.run(name, parent=parent_run, tags={"unlearn.kind": "job", "unlearn.seed": str(spec.seed)}) as parent:
             tracker.params(parent, flatten(spec.model_dump(mode="json")))
             tracker.text(parent, dump(spec), "spec.yaml")
             recorder = Recorder(prep, job, tracker, parent, info, out_dir)

@@ -265,6 +265,9 @@ class EvalSpec(Strict):
 class JobSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
+    # Run the whole job once per seed (its own original, retrain and splits) and report mean ± std;
+    # null: the one `seed`.
+    seeds: list[int] | None = Field(None, min_length=1, max_length=100)
     dataset: DatasetSpec
     model: ModelSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -275,6 +278,12 @@ class JobSpec(Strict):
     tune: TuneSpec = Field(default_factory=TuneSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     cache_dir: str = ".cache/unlearn"
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> "JobSpec":
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("seeds has duplicates")
+        return self
 
     @model_validator(mode="after")
     def _unique_runs(self) -> "JobSpec":

@@ -6,6 +6,7 @@ MIA, Gap, KL, seconds and speed-up vs retrain, followed by the issue's acceptanc
 marked met or not met (the figures are never bent to meet them).
 
     python benchmarks/methods.py                       # all scenarios, in-process executor
+    python benchmarks/methods.py --seeds 3             # mean ± std over 3 seeds (the evaluation protocol)
     python benchmarks/methods.py --jobs jobs/synthetic-class.yaml --engine ray
     python benchmarks/methods.py --jobs                # no job: rewrite methods.md from methods.json
 """
@@ -38,8 +39,13 @@ def _fmt(v) -> str:
 def table(methods: dict[str, dict]) -> str:
     lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, m in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) + _spread(m.get(f"{c}_std")) for c in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def _spread(std) -> str:
+    """` ± std` where the job ran several seeds (results.json's `<metric>_std`)."""
+    return f" ± {std:.2f}" if isinstance(std, (int, float)) else ""
 
 
 def checks(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
@@ -84,6 +90,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=["local", "ray"], default="local")
     ap.add_argument("--set", action="append", default=[], help="override applied to every job")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per job (cells: mean ± std; the protocol asks 3)")
     args = ap.parse_args()
     out = Path(args.out)
     json_path = out / "methods.json"
@@ -91,6 +98,8 @@ def main() -> None:
     for path in args.jobs:
         overrides = [f"ray.enabled={'true' if args.engine == 'ray' else 'false'}", *args.set]
         spec = spec_mod.load(path, overrides)
+        if args.seeds > 1:
+            spec = spec_mod.validate({**spec.model_dump(mode="json"), "seeds": list(range(spec.seed, spec.seed + args.seeds))})
         t0 = time.perf_counter()
         res = run_job(spec, ROOT / "results" / "benchmarks" / spec.name)
         res["wall_seconds"] = time.perf_counter() - t0

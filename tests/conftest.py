@@ -21,3 +21,10 @@ def ray_session():
     yield
     if started and ray.is_initialized():
         ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow checks get 30 minutes before the hang guard (pyproject's `timeout`) ends them."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(1800))

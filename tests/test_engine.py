@@ -6,6 +6,7 @@ the `ray start --head` tests start their own head (after shutting the shared ses
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -342,16 +343,8 @@ def test_a_tune_trial_survives_a_killed_worker(ray_session, digits, tmp_path, mo
 @pytest.mark.slow
 def test_two_worker_groups_on_a_started_head_overlap_and_match_one_group(digits, tmp_path):
     """`ray start --head --num-cpus 4`: two groups of two workers run methods at the same time."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
     gcs = _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--num-cpus=4",
-                             "--include-dashboard=false", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
-                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _started_head(tmp_path, [f"--port={gcs}", "--num-cpus=4", "--include-dashboard=false"]):
         _wait_for_gcs(gcs, timeout_s=90)
         methods = [{"name": "ft", "params": {"steps": 150}}, {"name": "ga", "params": {"steps": 30}},
                    {"name": "delete"}, {"name": "tarf", "params": {"steps": 150}}]
@@ -383,9 +376,6 @@ def test_two_worker_groups_on_a_started_head_overlap_and_match_one_group(digits,
         for label in ("ft", "ga", "delete", "tarf"):
             for key in ("FA", "RA", "TA", "MIA"):
                 assert two["methods"][label][key] == pytest.approx(results[1]["methods"][label][key], abs=1e-6)
-    finally:
-        _end_group(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_gcs(port: int, timeout_s: float) -> None:
@@ -430,17 +420,9 @@ def test_a_job_submitted_to_a_started_head_writes_its_results(digits, tmp_path):
     The head gets its own temp dir (so its address file never redirects other `ray.init()` calls on this
     machine) and its own process group, which teardown ends (`ray stop` would end every Ray on the machine).
     """
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()  # one Ray cluster at a time on this machine
     gcs, dashboard = _free_port(), _free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=3",
-         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
-        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with _started_head(tmp_path, [f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=3",
+                                  "--include-dashboard=true"]):
         _wait_for(f"http://127.0.0.1:{dashboard}/api/version", timeout_s=90)
         job = yaml.safe_load((ROOT / "jobs" / "quickstart.yaml").read_text())
         job.update(methods=[{"name": "ft", "params": {"steps": 20}}], cache_dir=str(digits.work / "cache"),
@@ -466,9 +448,6 @@ def test_a_job_submitted_to_a_started_head_writes_its_results(digits, tmp_path):
                                 env={**os.environ, "RAY_AUTH_MODE": "token"})
         assert joined.returncode == 0, joined.stderr[-3000:]
         assert json.loads((tmp_path / "out2" / "results.json").read_text())["methods"]["ft"]["RA"] > 90
-    finally:
-        _end_group(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for(url: str, timeout_s: float) -> None:
@@ -484,6 +463,26 @@ def _wait_for(url: str, timeout_s: float) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
+
+
+@contextlib.contextmanager
+def _started_head(tmp_path: Path, options: list[str]):
+    """`ray start --head --block` with `options`, in its own temp dir (so its address file never redirects other
+    `ray.init()` calls here; short: Ray's socket paths live under it) and process group, ended on exit (`ray
+    stop` would end every Ray on the machine). The tests' own session is shut first: one cluster at a time."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", *options, f"--temp-dir={temp_dir}",
+                             "--disable-usage-stats", "--block"],
+                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield head
+    finally:
+        _end_group(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _end_group(proc: subprocess.Popen) -> None:

@@ -610,3 +610,35 @@ def test_frozen_norm_stats_keep_the_running_statistics_while_update_changes_them
         model.train()  # a later train() cannot undo the freeze
         model(forget[0].x)
         assert (not torch.equal(model[1].running_mean, before)) == should_change
+
+
+def test_every_method_that_sees_forget_only_batches_freezes_batchnorm_by_default():
+    """One BatchNorm policy (a method may declare otherwise, with its source): a method that forwards
+    forget-only batches keeps the original's running statistics; retain-only methods update them."""
+    from unlearn.params import FORGET_BATCH_NORM_POLICY
+
+    for name, cls in methods.REGISTRY.items():
+        field = cls.Params.model_fields["norm_stats"]
+        if "forget" in cls.uses:
+            assert field.default == "frozen" and field_doc(field)[1], name
+            assert FORGET_BATCH_NORM_POLICY in field_doc(field)[1] or "deviat" in field_doc(field)[1], name
+        else:
+            assert field.default == "update", name
+
+
+def test_a_family_default_applies_to_its_model_family_unless_the_spec_sets_the_param():
+    from unlearn.params import family_defaults, hparam
+
+    class Params(MethodParams):
+        lr: float = hparam(1e-3, gt=0, family={"cnn": 1e-4}, help="learning rate")
+
+    assert family_defaults(Params, "cnn") == {"lr": 1e-4} and family_defaults(Params, "mlp") == {}
+    for name, cls in methods.REGISTRY.items():  # every declared family default is valid for its field
+        for family in ("mlp", "cnn", "resnet18", "ddpm"):
+            values = family_defaults(cls.Params, family)
+            built = methods.build(name, {}, family=family).params
+            assert all(getattr(built, k) == v for k, v in values.items()), (name, family)
+            if values:
+                key = next(iter(values))
+                default = cls.Params.model_fields[key].default
+                assert getattr(methods.build(name, {key: default}, family=family).params, key) == default

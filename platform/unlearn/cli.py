@@ -47,7 +47,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
             tune = f" search {search['kind']}({search['low']}, {search['high']})" if search and search["kind"] != "choice" else (
                 f" search choice{list(search['values'])}" if search else "")
             src = f" [{paper}]" if paper else ""
-            print(f"    {pname} = {field.default!r}{rng}{tune}  {help_text}{src}")
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            per_family = "".join(f", {f}: {v!r}" for f, v in (extra.get("family") or {}).items())
+            print(f"    {pname} = {field.default!r}{per_family}{rng}{tune}  {help_text}{src}")
         print()
     return 0
 

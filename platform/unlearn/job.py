@@ -50,7 +50,7 @@ class Prepared:
 def prepare(spec: JobSpec) -> Prepared:
     """Validate methods against the registry and build data and splits (BadInput on any problem)."""
     task = task_of(spec.model.name)
-    methods = validate_methods(spec.methods, task)
+    methods = validate_methods(spec.methods, task, family=spec.model.name)
     dataset = open_dataset(spec)
     splits = make_splits(dataset, spec.forget, spec.seed, spec.eval.validation_fraction)
     methods = [tell_target(m, entry, spec.forget, splits, f"methods.{i}") for i, (m, entry) in

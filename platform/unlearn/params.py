@@ -34,8 +34,12 @@ def hparam(
     search: SearchRange | None = None,
     paper: str = "",
     help: str = "",
+    family: dict[str, Any] | None = None,
 ) -> Any:
-    """A declared hyperparameter: default, hard range, default search range and provenance."""
+    """A declared hyperparameter: default, hard range, default search range and provenance.
+
+    `family` declares other defaults per model family (`model.name`: value) where one default cannot serve
+    every model (e.g. a learning rate); a job's spec, when it sets the param, always wins."""
     return Field(
         default,
         ge=ge,
@@ -43,8 +47,18 @@ def hparam(
         gt=gt,
         lt=lt,
         description=help,
-        json_schema_extra={"paper": paper, "search": search.__dict__ if search else None},
+        json_schema_extra={"paper": paper, "search": search.__dict__ if search else None, "family": family},
     )
+
+
+def family_defaults(params_cls: type[BaseModel], family: str | None) -> dict[str, Any]:
+    """The defaults `params_cls` declares for model family `family` (see `hparam(family=...)`)."""
+    out = {}
+    for name, field in params_cls.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if family is not None and family in (extra.get("family") or {}):
+            out[name] = extra["family"][family]
+    return out
 
 
 def loguniform(low: float, high: float) -> SearchRange:
@@ -84,6 +98,24 @@ class MethodParams(BaseModel):
     norm_stats: Literal["update", "frozen"] = hparam(
         "update", help="BatchNorm layers while unlearning: 'update' (training mode: batch statistics, running "
                        "averages updated) or 'frozen' (the original's running statistics, as at evaluation)")
+
+
+# Where per-family defaults were chosen (benchmarks/choose_defaults.py; measured on held-out classes and seeds
+# by benchmarks/defaults.py).
+SELECTION = "benchmarks/results/defaults-selection.md (validation split; synthetic classes 5, 8, 14, seed 0)"
+
+FORGET_BATCH_NORM_POLICY = (
+    "platform policy, the same for every method that forwards forget-only batches (the releases keep BatchNorm "
+    "in training mode): such batches hold the forgotten data alone (one class, in class forgetting) and would "
+    "make the running statistics theirs; synthetic class forgetting, DELETE lr 1e-4: RA 86.2 updated vs 92.9 frozen")
+
+
+class ForgetBatchParams(MethodParams):
+    """Params of a method that forwards forget-only batches: BatchNorm frozen by default (see the policy)."""
+
+    norm_stats: Literal["update", "frozen"] = hparam(
+        "frozen", paper=FORGET_BATCH_NORM_POLICY,
+        help="BatchNorm layers: 'frozen' at the original's running statistics, or 'update' them (training mode)")
 
 
 def field_doc(field: FieldInfo) -> tuple[str, str, dict | None]:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from unlearn.errors import SpecError
 from unlearn.methods.base import Batch, Context, Method
+from unlearn.params import family_defaults
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -31,11 +32,12 @@ def get(name: str) -> type[Method]:
     return REGISTRY[name]
 
 
-def build(name: str, params: dict[str, Any], field: str = "params") -> Method:
-    """Instantiate a method with validated params; errors name `field.<param>`."""
+def build(name: str, params: dict[str, Any], field: str = "params", family: str | None = None) -> Method:
+    """Instantiate a method with validated params (over the defaults declared for model family `family`);
+    errors name `field.<param>`."""
     cls = get(name)
     try:
-        return cls(cls.Params.model_validate(params))
+        return cls(cls.Params.model_validate({**family_defaults(cls.Params, family), **params}))
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
@@ -47,13 +49,14 @@ def build(name: str, params: dict[str, Any], field: str = "params") -> Method:
         raise SpecError(f"{field}.{loc}", msg) from None
 
 
-def validate_methods(method_specs: list[Any], task: str) -> list[Method]:
-    """Build every method of a spec, checking names, params and the task they support."""
+def validate_methods(method_specs: list[Any], task: str, family: str | None = None) -> list[Method]:
+    """Build every method of a spec (for model family `family`), checking names, params and the task they
+    support."""
     methods = []
     for i, m in enumerate(method_specs):
         if m.name not in REGISTRY:
             raise SpecError(f"methods.{i}.name", f"unknown method {m.name!r}; registered: {', '.join(sorted(REGISTRY))}")
-        method = build(m.name, m.params, field=f"methods.{i}.params")
+        method = build(m.name, m.params, field=f"methods.{i}.params", family=family)
         if task not in method.tasks:
             raise SpecError(f"methods.{i}.name", f"method {m.name!r} does not support {task} models (supports: {', '.join(sorted(method.tasks))})")
         methods.append(method)

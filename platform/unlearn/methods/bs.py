@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.params import MethodParams, hparam, loguniform
+from unlearn.params import ForgetBatchParams, hparam, loguniform
 
 BS_PAPER = "Chen et al. 2023, Boundary Unlearning (CVPR); settings as SalUn's boundary_sh baseline"
 
@@ -31,7 +31,7 @@ def neighbour_labels(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, b
     return logits.argmax(dim=1)
 
 
-class BSParams(MethodParams):
+class BSParams(ForgetBatchParams):
     lr: float = hparam(3e-3, gt=0, le=10, search=loguniform(1e-5, 0.03),
                        paper=f"{BS_PAPER}: lr 1e-5 (ResNet-18); 3e-3 for the small models here (1e-2 costs RA)",
                        help="learning rate")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.params import MethodParams, hparam, loguniform
+from unlearn.params import ForgetBatchParams, hparam, loguniform
 
 
-class GAParams(MethodParams):
+class GAParams(ForgetBatchParams):
     lr: float = hparam(1e-3, gt=0, le=10, search=loguniform(1e-5, 1e-1), paper="Thudi et al. 2022; SalUn sweeps 1e-5..1e-3")
     epochs: float = hparam(3.0, gt=0, le=1000, help="passes over the forget data")
 

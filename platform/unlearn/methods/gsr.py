@@ -7,14 +7,13 @@ class this is DELETE's loss.
 
 from __future__ import annotations
 
-from typing import Literal
 
 import torch
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.distill import check_kept_classes, forgotten_classes, kl_to_teacher, teacher_logits
-from unlearn.params import MethodParams, hparam, loguniform
+from unlearn.params import ForgetBatchParams, hparam, loguniform
 
 CURE_PAPER = "CURE (ICLR 2026 submission): no public release; recipe of DELETE, which CURE extends"
 
@@ -30,7 +29,7 @@ def gsr_loss(student: torch.Tensor, teacher: torch.Tensor, forgotten: torch.Tens
     return kl_to_teacher(student, renormalised_teacher(teacher, forgotten, temperature), temperature)
 
 
-class CureParams(MethodParams):
+class CureParams(ForgetBatchParams):
     """Parameters GSR, GHR and GROGU share."""
 
     lr: float = hparam(1e-3, gt=0, le=10, search=loguniform(1e-5, 0.01),
@@ -42,9 +41,6 @@ class CureParams(MethodParams):
                              help="global batch size")
     momentum: float = hparam(0.9, ge=0, lt=1, paper="DELETE release: SGD momentum 0.9", help="SGD momentum")
     weight_decay: float = hparam(0.0, ge=0, le=1, paper="DELETE release: no weight decay", help="weight decay")
-    norm_stats: Literal["update", "frozen"] = hparam(
-        "frozen", paper="as delete: BatchNorm statistics kept at the original's (forget-only batches hold one class)",
-        help="BatchNorm layers: 'frozen' at the original's running statistics, or 'update' them")
     mask_classes: list[int] | None = hparam(None, paper="CURE: concept unlearning masks the concept's classes",
                                             help="model-level labels to mask besides the forget set's own labels "
                                                  "(a concept's classes)")

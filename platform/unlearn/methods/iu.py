@@ -14,7 +14,7 @@ import torch
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.whole_set import differentiable, flatten, mean_gradient, unflatten
-from unlearn.params import MethodParams, hparam, loguniform, randint
+from unlearn.params import ForgetBatchParams, hparam, loguniform, randint
 
 IU_PAPER = "Koh & Liang 2017 via Jia et al. 2023's `Wfisher` (OPTML-Group/Unlearn-Sparse, Unlearn-Saliency)"
 
@@ -44,7 +44,7 @@ def woodfisher_inverse_product(vector: torch.Tensor, per_sample_grads, damping: 
     return result
 
 
-class IUParams(MethodParams):
+class IUParams(ForgetBatchParams):
     steps: int | None = hparam(1, ge=1, le=100, paper="one-shot update (Jia et al. 2023)",
                                help="Newton-style updates, each from the current weights (1: the method)")
     alpha: float = hparam(10.0, gt=0, le=1e6, search=loguniform(1.0, 100.0),

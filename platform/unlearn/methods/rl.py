@@ -9,7 +9,7 @@ import torch
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.params import MethodParams, hparam, loguniform, uniform
+from unlearn.params import ForgetBatchParams, MethodParams, hparam, loguniform, uniform
 
 
 def random_other_labels(y: torch.Tensor, num_classes: int, index: torch.Tensor, salt: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ def scheduled_random_label_loss(ctx: Context, forget: Batch, retain: Batch, para
     return params.retain_weight * retain_loss, {"retain_loss": retain_loss.item()}
 
 
-class RLParams(MethodParams):
+class RLParams(ForgetBatchParams):
     lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1),
                        paper="Golatkar et al. 2020; settings of SalUn's RL baseline (lr ~0.01, SGD momentum 0.9)",
                        help="learning rate")

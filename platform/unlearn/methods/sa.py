@@ -20,12 +20,12 @@ import torch
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.whole_set import fisher_diagonal
-from unlearn.params import MethodParams, hparam, loguniform
+from unlearn.params import ForgetBatchParams, hparam, loguniform
 
 SA_PAPER = "Heng & Soh 2023, Selective Amnesia (clear-nus/selective-amnesia); DDPM settings as the SFR-on release's SA config"
 
 
-class SAParams(MethodParams):
+class SAParams(ForgetBatchParams):
     lr: float = hparam(1e-4, gt=0, le=10, search=loguniform(1e-5, 1e-3), paper=f"{SA_PAPER}: Adam 1e-4",
                        help="learning rate")
     steps: int | None = hparam(300, ge=1, le=10_000_000, paper=f"{SA_PAPER}: 20,000 iterations on CIFAR-10",

@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.distill import kl_to_teacher, teacher_logits
-from unlearn.params import MethodParams, hparam, loguniform, randint, uniform
+from unlearn.params import ForgetBatchParams, hparam, loguniform, randint, uniform
 
 SCRUB_PAPER = "Kurmanji et al. 2023 release (meghdadk/SCRUB)"
 
 
-class ScrubParams(MethodParams):
+class ScrubParams(ForgetBatchParams):
     lr: float = hparam(3e-3, gt=0, le=10, search=loguniform(1e-4, 0.01),
                        paper=f"{SCRUB_PAPER}: sgda_learning_rate 5e-4 (ResNet-18); 3e-3 for the small models here "
                              "(digits MLPs: 2e-3 can leave FA at 64%, 1e-2 costs up to 30 points of RA)",

@@ -20,7 +20,7 @@ import torch
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.params import MethodParams, choice, hparam, loguniform, uniform
+from unlearn.params import ForgetBatchParams, choice, hparam, loguniform, uniform
 from unlearn.schedules import SCHEDULE_KINDS, ScheduleKind, schedule
 
 TARF_PAPER = "Zhu et al. 2025, Decoupling the Class Label and the Target Concept in Machine Unlearning (TARF)"
@@ -52,7 +52,7 @@ def same_noise(ctx: Context, batch_number: int) -> Iterator[None]:
         yield
 
 
-class TARFParams(MethodParams):
+class TARFParams(ForgetBatchParams):
     lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-3, 0.1),
                        paper="TARF: SGD recipe of the FT/l1-sparse baselines (lr 0.01, momentum 0.9, wd 5e-4)",
                        help="learning rate")

@@ -197,7 +197,8 @@ def plan_search(spec: JobSpec, method: str | None = None, num_samples: int | Non
     index = next((i for i, m in enumerate(spec.methods) if m.name == name), None)
     entry = spec.methods[index] if index is not None else MethodSpec(name=name)
     fixed = dict(entry.params)
-    untuned = build(name, fixed, field=f"methods.{index}.params" if index is not None else "params").params
+    untuned = build(name, fixed, field=f"methods.{index}.params" if index is not None else "params",
+                    family=spec.model.name).params
     space = search_space(name, fixed, spec.tune.space)
     defaults = {p: getattr(untuned, p) for p in space}
     return Plan(spec, name, entry, fixed, space, defaults, num_samples or spec.tune.num_samples,

@@ -1,0 +1,112 @@
+"""Choose per-family defaults on the validation split, on classes the defaults benchmark never uses.
+
+For each tuning class (synthetic class forgetting with the data, model and original recipe of
+jobs/synthetic-class.yaml), the retrain reference and every grid point of a method are scored with the
+validation split as the non-members (`Splits.for_tuning`: TA, MIA, KL), never the test split; the grid
+point with the lowest mean Gap over the tuning classes (ties: lower FA) is the one to declare for the
+`cnn` family. Writes benchmarks/results/defaults-selection.md and .json. benchmarks/defaults.py then
+measures the declared defaults on held-out classes and seeds.
+
+    python benchmarks/choose_defaults.py                       # classes 5 8 14, seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+
+from unlearn import spec as spec_mod  # noqa: E402
+from unlearn.atomic import write_json_atomic, write_text_atomic  # noqa: E402
+from unlearn.evaluation import ClassificationEvaluator, gap  # noqa: E402
+from unlearn.execution import LocalExecutor, new_model  # noqa: E402
+from unlearn.job import prepare, request_for  # noqa: E402
+from unlearn.spec import MethodSpec  # noqa: E402
+from unlearn.training import original_model  # noqa: E402
+
+BASE_JOB = ROOT / "jobs" / "synthetic-class.yaml"
+# A first pass with lr 1e-4..1e-3 (and SFR-on's released 0.01) on class 5 put every best point at the
+# grid's low edge (DELETE Gap 2.31 at 1e-4 vs 5.96 at 1e-3; SFR-on 1.95 at 0.0015 vs 6.08 at 0.01): the
+# grids go one step lower.
+GRIDS = {
+    "delete": {"lr": [3e-5, 1e-4, 3e-4], "temperature": [1.0, 4.0]},
+    "grogu": {"lr": [3e-5, 1e-4, 3e-4], "temperature": [1.0, 4.0]},
+    "sfr_on": {"lr": [0.0007, 0.0015, 0.003]},
+}
+
+
+def points(grid: dict[str, list]) -> list[dict]:
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def score(prep, executor, evaluator, state, name: str, params: dict) -> dict[str, float]:
+    request = request_for(prep, MethodSpec(name=name, params=params), state)
+    out = executor.run(request, verbose=False)
+    model = new_model(request)
+    model.load_state_dict(out.state)
+    metrics, _ = evaluator.evaluate(model)
+    return {**metrics, "seconds": out.seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--classes", type=int, nargs="+", default=[5, 8, 14])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=list(GRIDS))
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "unlearn"))
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    executor = LocalExecutor("cpu")
+    scores: dict[str, dict[str, list]] = {m: {} for m in args.methods}
+    for c in args.classes:
+        data = spec_mod.load(BASE_JOB).model_dump(mode="json")
+        data.update(seed=args.seed, forget={"kind": "class", "classes": [c]}, cache_dir=args.cache,
+                    methods=[{"name": "retrain"}], ray={"enabled": False}, tracking={"enabled": False})
+        spec = spec_mod.validate(data)
+        prep = prepare(spec)
+        prep = replace(prep, splits=prep.splits.for_tuning())  # the validation rows stand in for the test split
+        evaluator = ClassificationEvaluator(prep.splits, mia=spec.eval.mia, seed=spec.seed)
+        state, _ = original_model(spec, prep.splits, prep.input_shape, executor, prep.task)
+        reference = score(prep, executor, evaluator, state, "retrain", {})
+        print(f"class {c}: retrain (validation) {reference}", file=sys.stderr, flush=True)
+        for name in args.methods:
+            for point in points(GRIDS[name]):
+                metrics = score(prep, executor, evaluator, state, name, point)
+                metrics["gap"] = gap(metrics, reference)
+                key = ", ".join(f"{k}={v:g}" for k, v in point.items())
+                scores[name].setdefault(key, []).append(metrics)
+                print(f"class {c}: {name} {key}: FA {metrics['FA']:.2f} Gap {metrics['gap']:.2f}",
+                      file=sys.stderr, flush=True)
+    chosen, lines = {}, ["# Per-family defaults chosen on the validation split", "",
+                         f"Synthetic class forgetting ({BASE_JOB.relative_to(ROOT)}: cnn), tuning classes "
+                         f"{args.classes}, seed {args.seed}; every number from the validation split (TA, MIA) "
+                         "and the training data (FA, RA) against retrain on the same splits; the held-out "
+                         "classes and seeds of benchmarks/results/defaults.md were not used. Cells: mean over "
+                         "the tuning classes.", ""]
+    for name in args.methods:
+        rows = {k: (float(np.mean([m["gap"] for m in v])), float(np.mean([m["FA"] for m in v])),
+                    float(np.mean([m["seconds"] for m in v]))) for k, v in scores[name].items()}
+        best = min(rows, key=lambda k: (rows[k][0], rows[k][1]))
+        chosen[name] = {"point": best, "gap": rows[best][0], "FA": rows[best][1]}
+        lines += [f"## {name}", "", "| params | Gap | FA | s |", "|---|---:|---:|---:|"]
+        lines += [f"| {k}{' **(chosen)**' if k == best else ''} | {g:.2f} | {fa:.2f} | {s:.1f} |"
+                  for k, (g, fa, s) in rows.items()]
+        lines.append("")
+    report = {"classes": args.classes, "seed": args.seed, "grids": {m: GRIDS[m] for m in args.methods},
+              "scores": scores, "chosen": chosen, "wall_seconds": round(time.perf_counter() - t0, 1)}
+    out = ROOT / "benchmarks" / "results"
+    write_json_atomic(report, out / "defaults-selection.json")
+    write_text_atomic("\n".join(lines) + "\n", out / "defaults-selection.md")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

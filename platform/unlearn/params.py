@@ -102,7 +102,7 @@ class MethodParams(BaseModel):
 
 # Where per-family defaults were chosen (benchmarks/choose_defaults.py; measured on held-out classes and seeds
 # by benchmarks/defaults.py).
-SELECTION = "benchmarks/results/defaults-selection.md (validation split; synthetic classes 5, 8, 14, seed 0)"
+SELECTION = "benchmarks/results/defaults-selection.md (validation split; synthetic classes 5, 8, 14 x seeds 0, 1)"
 
 FORGET_BATCH_NORM_POLICY = (
     "platform policy, the same for every method that forwards forget-only batches (the releases keep BatchNorm "

@@ -49,7 +49,7 @@ class RunRequest:
         if not isinstance(self.params, MethodParams):
             from unlearn.methods import build
 
-            self.params = build(self.method, self.params, family=self.model.name).params
+            self.params = build(self.method, self.params, family=getattr(self.model, "name", None)).params
 
     @property
     def method_class(self) -> type[Method]:

@@ -346,8 +346,10 @@ def test_two_worker_groups_on_a_started_head_overlap_and_match_one_group(digits,
     gcs = _free_port()
     with _started_head(tmp_path, [f"--port={gcs}", "--num-cpus=4", "--include-dashboard=false"]):
         _wait_for_gcs(gcs, timeout_s=90)
-        methods = [{"name": "ft", "params": {"steps": 150}}, {"name": "ga", "params": {"steps": 30}},
-                   {"name": "delete"}, {"name": "tarf", "params": {"steps": 150}}]
+        # Runs long enough that the groups must overlap even on a loaded machine (at 150 steps, with three
+        # other jobs on the 2 cores, one group's ft ended before the other group's first run began).
+        methods = [{"name": "ft", "params": {"steps": 600}}, {"name": "ga", "params": {"steps": 30}},
+                   {"name": "delete"}, {"name": "tarf", "params": {"steps": 600}}]
         results = {}
         for groups in (1, 2):
             storage = tmp_path / f"storage-{groups}"

@@ -23,6 +23,7 @@ from unlearn.execution import Executor
 from unlearn.spec import JobSpec
 from unlearn.tracking import flatten, make_tracker
 
+
 def seeds_of(spec: JobSpec) -> list[int]:
     return list(spec.seeds) if spec.seeds is not None else [spec.seed]
 

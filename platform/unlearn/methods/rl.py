@@ -38,10 +38,15 @@ def random_label_loss(ctx: Context, forget: Batch, retain: Batch, retain_weight:
     prediction under the forgotten label is pulled to the detached prediction under the wrong label, so the
     forgotten label learns to draw another class.
     """
-    wrong = random_other_labels(forget.y, ctx.num_classes, forget.index, salt=ctx.seed * 1_000_003 + ctx.step)
-    forget_loss = ctx.relabel_loss(ctx.model, forget, wrong).mean()
+    forget_loss = relabelled_forget_loss(ctx, forget)
     retain_loss = ctx.loss(ctx.model, retain).mean()
     return forget_loss + retain_weight * retain_loss, {"forget_loss": forget_loss.item(), "retain_loss": retain_loss.item()}
+
+
+def relabelled_forget_loss(ctx: Context, forget: Batch) -> torch.Tensor:
+    """Mean relabelling loss of the forget batch under this step's random wrong labels."""
+    wrong = random_other_labels(forget.y, ctx.num_classes, forget.index, salt=ctx.seed * 1_000_003 + ctx.step)
+    return ctx.relabel_loss(ctx.model, forget, wrong).mean()
 
 
 RELEASE_SCHEDULE = ("SalUn release (Unlearn-Saliency, classification RL/SalUn): each epoch one pass over D_f "
@@ -56,9 +61,14 @@ def forget_phase(step: int, forget_size: int, retain_size: int, batch_size: int)
     return step % (forget_steps + math.ceil(retain_size / batch_size)) < forget_steps
 
 
+def _pairs(params: MethodParams, task: str) -> bool:
+    """Both terms at every step: `paired`, and always for diffusion (SalUn's DDPM script)."""
+    return params.schedule == "paired" or task == "diffusion"
+
+
 def release_epoch_steps(params: MethodParams, forget_size: int, retain_size: int, task: str) -> int | None:
     """Steps per epoch of RL/SalUn: a forget pass plus a retain pass (`release`), or a retain pass (`paired`)."""
-    if params.schedule == "paired" or task == "diffusion":
+    if _pairs(params, task):
         return None
     return math.ceil(forget_size / params.batch_size) + math.ceil(retain_size / params.batch_size)
 
@@ -67,11 +77,10 @@ def scheduled_random_label_loss(ctx: Context, forget: Batch, retain: Batch, para
                                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """RL's loss under its schedule: paired (both terms every step), or the release's forget pass (the random-
     label term alone) and retain pass (the retain term alone)."""
-    if params.schedule == "paired" or ctx.task == "diffusion":
+    if _pairs(params, ctx.task):
         return random_label_loss(ctx, forget, retain, params.retain_weight)
     if forget_phase(ctx.step, ctx.forget_size, ctx.retain_size, params.batch_size):
-        wrong = random_other_labels(forget.y, ctx.num_classes, forget.index, salt=ctx.seed * 1_000_003 + ctx.step)
-        forget_loss = ctx.relabel_loss(ctx.model, forget, wrong).mean()
+        forget_loss = relabelled_forget_loss(ctx, forget)
         return forget_loss, {"forget_loss": forget_loss.item()}
     retain_loss = ctx.loss(ctx.model, retain).mean()
     return params.retain_weight * retain_loss, {"retain_loss": retain_loss.item()}

@@ -19,17 +19,32 @@ DEFAULT_JOB = Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml"
 
 def cmd_run(args: argparse.Namespace) -> int:
     from unlearn import spec as spec_mod
-    from unlearn.job import run_job
 
     spec = spec_mod.load(args.job, args.set)
     if args.seeds is not None:  # --seeds N: the spec's seed and the N - 1 after it
         spec = spec_mod.validate({**spec.model_dump(mode="json"), "seeds": list(range(spec.seed, spec.seed + args.seeds))})
-    results = run_job(spec, Path(args.out) if args.out else None)
+    with _session(spec, "unlearn.job", "unlearn.engine", "unlearn.local_trainer"):
+        from unlearn.job import run_job
+
+        results = run_job(spec, Path(args.out) if args.out else None)
     if results["failed"]:  # every other run finished and is written; one line per run that did not
         for label in results["failed"]:
             print(f"failed: {label}: {results['methods'][label]['error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _session(spec, *modules: str):
+    """The job's Ray session, started while the job's modules import (none for in-process jobs)."""
+    import contextlib
+
+    if not spec.ray.enabled:
+        return contextlib.nullcontext()
+    from unlearn.ray_session import session_while_importing
+
+    # MLflow's SQL store (its SQLAlchemy models: ~2 s) and the plots' matplotlib come later in the job
+    return session_while_importing(spec.ray, modules,
+                                   optional=("mlflow.store.tracking.sqlalchemy_store", "unlearn.plots"))
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ import torch
 from unlearn.checkpoints import AttemptLog, GroupCheckpoint, full_state, write_checkpoint
 from unlearn.execution import RunOutput, RunRequest, output_from_record
 from unlearn.faults import armed_env, maybe_fail
-from unlearn.ray_session import connect, in_embedded_session, local_trainer_class, quiet_worker_logs
+from unlearn.ray_session import connect, in_embedded_session, local_trainer_class, quiet_ray_data, quiet_worker_logs
 from unlearn.shards import share_fraction
 from unlearn.spec import RaySpec
 from unlearn.run_queue import RunQueue
@@ -247,6 +247,7 @@ def split_datasets(job: GroupJob) -> dict[str, Any]:
     """
     import ray.data
 
+    quiet_ray_data()
     store = job.splits_recipe.dataset
     table = ray.data.read_parquet(str(store.path("train"))).select_columns(["row", "x"])
     datasets = {}

@@ -93,7 +93,8 @@ def main() -> None:
     aim = all(r["ratio"] <= 2.0 for r in rows.values())
     lines += ["", f"Aim (each job at most 2x its in-process time): {'met' if aim else 'not met'}. "
               f"Metrics of Ray and in-process agree within 1 point: "
-              f"{'met' if all(r['max_metric_difference'] <= 1.0 for r in rows.values()) else 'not met'}."]
+              f"{'met' if all(r['max_metric_difference'] <= 1.0 for r in rows.values()) else 'not met'}.",
+              "", "Where the fixed cost goes (CPU-seconds per process) and what was cut or tried: README, 'Scaling out'."]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaling.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "scaling.json").write_text(json.dumps({"repeats": args.repeats, "load_average": load, "jobs": rows},

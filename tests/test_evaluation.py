@@ -58,3 +58,34 @@ def test_every_schedule_starts_at_k0_and_reaches_zero_at_t0(kind):
 def test_unknown_schedule_kind_lists_the_allowed():
     with pytest.raises(ValueError, match="cosine"):
         schedule("sawtooth", 1.0, 1.0)
+
+
+def test_a_model_whose_outputs_overflow_is_a_diverged_run_in_both_evaluators():
+    """Finite weights can still give inf logits and NaN probabilities: both the driver's evaluator and the
+    workers' sharded one name it a diverged run instead of failing inside the MIA's SVM."""
+    import torch
+    from torch import nn
+
+    from unlearn.comm import LocalComm
+    from unlearn.data.digits import load_digits_dataset
+    from unlearn.data.scenarios import make_splits
+    from unlearn.errors import DivergedError
+    from unlearn.evaluation import ClassificationEvaluator
+    from unlearn.evaluation.sharded import EVAL_SPLITS, ShardedClassificationEvaluator
+    from unlearn.shards import RowCache
+    from unlearn.spec import ForgetSpec
+
+    splits = make_splits(load_digits_dataset(0.25, 0), ForgetSpec(kind="class", classes=[3]), seed=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():
+        model[1].weight.fill_(3e38)  # finite, but every logit of a non-blank image overflows
+    with pytest.raises(DivergedError, match="not finite"):
+        ClassificationEvaluator(splits).evaluate(model)
+    eval_splits = {name: getattr(splits, name) for name in EVAL_SPLITS}
+    caches = {name: RowCache(s.rows, s.index) for name, s in eval_splits.items()}
+    sharded = ShardedClassificationEvaluator(eval_splits, caches, LocalComm(), torch.device("cpu"))
+    with pytest.raises(DivergedError, match="not finite"):
+        sharded.evaluate(model)
+    model[1].weight.data.fill_(0.01)  # and a sane model still evaluates
+    metrics, _ = sharded.evaluate(model)
+    assert math.isfinite(metrics["RA"]) and math.isfinite(metrics["MIA"])

@@ -642,3 +642,25 @@ def test_a_family_default_applies_to_its_model_family_unless_the_spec_sets_the_p
                 key = next(iter(values))
                 default = cls.Params.model_fields[key].default
                 assert getattr(methods.build(name, {key: default}, family=family).params, key) == default
+
+
+def test_a_last_step_that_leaves_non_finite_weights_is_a_diverged_run():
+    """The loss is checked before each update, so an update that overflows the weights on the last step must
+    still fail the run as diverged (not reach the evaluation as NaN probabilities)."""
+    from unlearn import loop
+    from unlearn.errors import DivergedError
+
+    class Overflowing(type(methods.build("ga", {}))):
+        def step(self, ctx, forget, retain):
+            logged = super().step(ctx, forget, retain)  # a finite loss...
+            with torch.no_grad():
+                ctx.module[0].weight.mul_(1e38).mul_(1e38)  # ...then weights past float32's range
+            return logged
+
+    model = tiny_model()
+    method = Overflowing(methods.build("ga", {"batch_size": 8}).params)
+    forget = make_batches(1, 8, seed=5, labels=2)
+    ctx = make_ctx(method, model, frozen(model), forget, [], total_steps=1)
+    stream = type("S", (), {"size": 8, "batches": lambda self: iter(forget * 2)})()
+    with pytest.raises(DivergedError, match="0.weight became non-finite"):
+        loop.run(method, ctx, stream, stream, verbose=False)

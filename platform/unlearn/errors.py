@@ -22,4 +22,4 @@ class SpecError(BadInput):
 
 
 class DivergedError(RuntimeError):
-    """Training produced a NaN or infinite loss (exit code 1): the run is marked FAILED."""
+    """A run's loss, weights or outputs became NaN or infinite (exit code 1): the run is marked FAILED."""

@@ -156,4 +156,9 @@ def run(method: Method, ctx: Context, forget: Stream, retain: Stream, *, start_s
                       f"({summary.seconds:.1f}s)", file=sys.stderr, flush=True)
             if on_epoch is not None:
                 on_epoch(summary)
+    # A loss is checked before its step's update, so the last update can still leave inf/NaN weights; they
+    # must fail here, as a diverged run, not later as NaN probabilities inside the evaluation.
+    broken = next((n for n, q in ctx.module.named_parameters() if not torch.isfinite(q).all()), None)
+    if broken is not None:
+        raise DivergedError(f"{label}: weight {broken} became non-finite by step {ctx.total_steps} (try a lower lr)")
     return LoopResult(seconds=time.perf_counter() - t_start, history=history)

@@ -16,7 +16,8 @@ from torch import nn
 from unlearn.data.base import ImageDataset
 from unlearn.data.scenarios import Splits
 from unlearn.evaluation.diffusion import DiffusionEvaluator
-from unlearn.evaluation.metrics import accuracy_from_probs, gap, kl_divergence, probabilities
+from unlearn.errors import DivergedError
+from unlearn.evaluation.metrics import accuracy_from_probs, gap, kl_divergence, non_finite_outputs, probabilities
 from unlearn.evaluation.mia import mia_efficacy
 from unlearn.spec import JobSpec, Registry
 
@@ -37,6 +38,9 @@ def outputs(model: nn.Module, splits: Splits) -> Outputs:
 
 def classification_metrics(out: Outputs, splits: Splits, mia: bool = True, seed: int = 0) -> dict[str, float]:
     """FA (on the target concept), RA, TA and MIA-efficacy, in percent."""
+    for name in ("target", "retain", "test"):
+        if not np.isfinite(getattr(out, name)).all():
+            raise DivergedError(non_finite_outputs(name))
     result = {
         "FA": accuracy_from_probs(out.target, splits.target.y),
         "RA": accuracy_from_probs(out.retain, splits.retain.y),

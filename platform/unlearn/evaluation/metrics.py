@@ -10,6 +10,11 @@ from torch import nn
 EVAL_BATCH = 512
 
 
+def non_finite_outputs(split: str) -> str:
+    """The DivergedError message for a model whose outputs on `split` hold inf/NaN."""
+    return f"outputs on the {split} split are not finite (the weights overflowed; try a lower lr)"
+
+
 @torch.no_grad()
 def probabilities(model: nn.Module, x: np.ndarray, batch_size: int = EVAL_BATCH) -> np.ndarray:
     """Softmax outputs of `model` on images `x` (eval mode, batched, on the model's device)."""

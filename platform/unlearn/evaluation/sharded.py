@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unlearn.comm import Comm
-from unlearn.evaluation.metrics import EVAL_BATCH
+from unlearn.errors import DivergedError
+from unlearn.evaluation.metrics import EVAL_BATCH, non_finite_outputs
 from unlearn.evaluation.mia import mia_from_confidences
 from unlearn.shards import RowCache, eval_share
 
@@ -78,8 +79,11 @@ class ShardedClassificationEvaluator:
             for name in EVAL_SPLITS:
                 probs, labels = self._scores(model, name)
                 hits = torch.tensor([float((probs.argmax(1) == labels).sum()) if len(labels) else 0.0,
-                                     float(len(labels))], dtype=torch.float64, device=self.device)
+                                     float(len(labels)), float((~torch.isfinite(probs)).sum())],
+                                    dtype=torch.float64, device=self.device)
                 self.comm.all_reduce(hits)
+                if hits[2] > 0:  # every rank sees the sum, so all of them stop here together
+                    raise DivergedError(non_finite_outputs(name))
                 correct[name], total[name] = float(hits[0]), float(hits[1])
                 mine = probs[torch.arange(len(labels)), labels] if len(labels) else torch.zeros(0)
                 confidence[name] = self._gather(mine.float(), name)

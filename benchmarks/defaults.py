@@ -10,6 +10,8 @@ std over the seeds, then the mean over every (class, seed), with the issue's che
     python benchmarks/defaults.py --classes 2 --seeds 1 --methods delete   # a quick look
     python benchmarks/defaults.py --epochs-factor 4 --tag confident --methods delete sfr_on grogu tarf
                                                                    # a more confident original (4x epochs)
+    python benchmarks/defaults.py --job jobs/digits-class.yaml --classes 1 5 8 --epochs-factor 4 \
+        --tag confident-digits --methods delete sfr_on grogu tarf ga   # the same on digits (minutes)
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ SEED_METHODS = ("delete", "sfr_on", "grogu")  # the checks: FA <= 1 and Gap <= 3
 COLUMNS = ("FA", "RA", "TA", "MIA", "gap", "seconds", "speedup")
 
 
-def job_for(forget_class: int, seeds: list[int], methods: list[str], epochs_factor: float, cache: str) -> dict:
-    data = spec_mod.load(BASE_JOB).model_dump(mode="json")
+def job_for(forget_class: int, seeds: list[int], methods: list[str], epochs_factor: float, cache: str,
+            base_job: Path = BASE_JOB) -> dict:
+    data = spec_mod.load(base_job).model_dump(mode="json")
     data.update(name=f"defaults-class{forget_class}", seeds=seeds, forget={"kind": "class", "classes": [forget_class]},
                 methods=[{"name": "retrain"}, *({"name": m} for m in methods)], cache_dir=cache)
     data["train"]["epochs"] = int(round(data["train"]["epochs"] * epochs_factor))
@@ -50,7 +53,7 @@ def cell(values: list[float]) -> str:
 
 def markdown(report: dict) -> str:
     lines = [f"# Declared defaults on held-out classes ({report['tag']})", "",
-             f"Synthetic class forgetting ({report['base_job']}: data, model, original recipe; original "
+             f"Class forgetting ({report['base_job']}: data, model, original recipe; original "
              f"{report['train_epochs']} epochs), classes {report['classes']} (no job or tuning used them), seeds "
              f"{report['seeds']}; every method at its declared defaults; retrain with the original's recipe; "
              "one process, 2 CPU cores. Cells: mean ± std (ddof 1) over seeds. `seconds` is the unlearning "
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(SEED_METHODS))
     ap.add_argument("--epochs-factor", type=float, default=1.0)
     ap.add_argument("--tag", default="defaults")
+    ap.add_argument("--job", type=Path, default=BASE_JOB, help="base job: its data, model and original recipe")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "unlearn"))
     args = ap.parse_args()
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
@@ -84,7 +88,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = {}
     for c in args.classes:
-        spec = spec_mod.validate(job_for(c, seeds, args.methods, args.epochs_factor, args.cache))
+        spec = spec_mod.validate(job_for(c, seeds, args.methods, args.epochs_factor, args.cache, args.job))
         results[c] = run_job(spec, work / f"class{c}")
     names = ["original", "retrain", *args.methods]
     per_seed = {m: [r["methods"][m]["per_seed"][str(s)] for r in results.values() for s in seeds
@@ -95,7 +99,7 @@ def main() -> None:
                     if rows_of(m) and all(k in row for row in rows_of(m))} for m in names}
 
     report = {
-        "tag": args.tag, "base_job": str(BASE_JOB.relative_to(ROOT)), "classes": args.classes, "seeds": seeds,
+        "tag": args.tag, "base_job": str(args.job.resolve().relative_to(ROOT)), "classes": args.classes, "seeds": seeds,
         "train_epochs": spec.train.epochs, "norm_stats": {m: get(m).Params().norm_stats for m in args.methods},
         "overall": table(lambda m: per_seed[m]),
         "per_class": {str(c): table(lambda m, c=c: [results[c]["methods"][m]["per_seed"][str(s)] for s in seeds])

@@ -279,6 +279,18 @@ def test_sfr_on_ascent_weights_sum_to_one_and_fall_with_the_loss():
     assert torch.allclose(adaptive_weights(losses, 0.0), torch.full((6,), 1 / 6))
 
 
+def test_sfr_on_saturated_losses_share_the_weight_instead_of_one_taking_it_all():
+    """float32 gives a saturated sample a loss of 0: without a floor it takes the whole weight (and its
+    gradient is 0, so the ascent stalls); at the floor every saturated sample weighs the same."""
+    losses = torch.tensor([0.0, 1e-9, 1e-6, 0.5, 2.0])
+    assert adaptive_weights(losses, 0.5)[0] > 0.999  # the release's formula
+    floored = adaptive_weights(losses, 0.5, floor=1e-4)
+    assert torch.allclose(floored[:3], floored[:1].expand(3)) and floored[:3].sum() > 0.9
+    assert floored[3] > floored[4] > 0  # above the floor the weights still fall with the loss
+    unsaturated = torch.tensor([0.01, 0.1, 1.0])
+    assert torch.equal(adaptive_weights(unsaturated, 0.5, floor=1e-4), adaptive_weights(unsaturated, 0.5))
+
+
 def test_sfr_on_forget_steps_come_every_fifth_iteration_with_the_adaptive_weights():
     model = tiny_model(10)
     forget, retain = make_batches(2, 8, seed=11, labels=0), make_batches(2, 8, seed=12, start=50)
@@ -292,8 +304,9 @@ def test_sfr_on_forget_steps_come_every_fifth_iteration_with_the_adaptive_weight
         losses = F.cross_entropy(model(forget[0].x), forget[0].y, reduction="none")
     ctx.step = 5
     logged = method.step(ctx, forget[0], retain[0])
-    assert logged["forget_loss"] == pytest.approx(-float((adaptive_weights(losses, 0.5) * losses).sum()), rel=1e-5)
-    assert torch.allclose(method.sample_weights, adaptive_weights(losses, 0.5))
+    expected = adaptive_weights(losses, 0.5, floor=method.params.loss_floor)
+    assert logged["forget_loss"] == pytest.approx(-float((expected * losses).sum()), rel=1e-5)
+    assert torch.allclose(method.sample_weights, expected)
     assert logged["forget_weight"] == pytest.approx(method.forget_weight(5))
 
 

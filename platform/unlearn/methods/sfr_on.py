@@ -2,8 +2,9 @@
 
 (S) Forget-remain balanced saliency: diagonal Fisher of θ0 on D_f and on D_r (sums and counts
     all-reduced); mask m = 1 where (F_f + 1e-15) / (F_r + 1e-15) ≥ γ.
-(F) Sample-wise adaptive ascent: weights w_i ∝ ℓ_i^(−λ) (detached), normalised to sum to 1 over the
-    global batch (the normaliser is all-reduced); forget loss −Σ w_i ℓ_i; its gradient × m.
+(F) Sample-wise adaptive ascent: weights w_i ∝ max(ℓ_i, floor)^(−λ) (detached), normalised to sum to 1
+    over the global batch (the normaliser is all-reduced); forget loss −Σ w_i ℓ_i; its gradient × m. The
+    floor (ours; the release has none) keeps float32's saturated losses from taking all the weight.
 (R-on) Fast-slow weights: every `forget_every` iterations the fast weights take the masked, weighted
     ascent step (weight `forget_weight`, annealed), then every iteration a descent step on D_r; every
     `outer_every` iterations the slow weights move θ ← θ − α(θ − θ_fast) and the fast ones restart there.
@@ -38,9 +39,16 @@ def saliency_mask(fisher_forget: dict[str, torch.Tensor], fisher_retain: dict[st
     return {n: ((fisher_forget[n] + EPS) / (fisher_retain[n] + EPS) >= gamma).float() for n in fisher_forget}
 
 
-def adaptive_weights(losses: torch.Tensor, lam: float, comm: Comm | None = None) -> torch.Tensor:
-    """w_i = ℓ_i^(−λ) / Σ_j ℓ_j^(−λ), detached; with `comm` the sum runs over every worker's batch."""
-    coef = 1.0 / (losses.detach().pow(lam) + EPS)
+def adaptive_weights(losses: torch.Tensor, lam: float, comm: Comm | None = None, floor: float = 0.0) -> torch.Tensor:
+    """w_i = max(ℓ_i, floor)^(−λ) / Σ_j max(ℓ_j, floor)^(−λ), detached; with `comm` the sum runs over every
+    worker's batch.
+
+    Why the floor: a float32 cross-entropy of a saturated sample is 0 or rounding noise (logsumexp(z) − z_y
+    of two numbers near |z|, resolved to ~|z|·6e-8), so with the release's formula (floor 0) one such sample
+    takes almost all the weight and, its gradient being ~0 too, the ascent stalls: on a synthetic class whose
+    original is saturated (class 11, seeds 2-4) SFR-on left FA at 100 while uniform weights forgot it. Below
+    the floor every sample counts as equally well remembered."""
+    coef = 1.0 / (losses.detach().clamp_min(floor).pow(lam) + EPS)
     total = coef.sum() if comm is None else comm.all_reduce(coef.sum().clone(), op="sum")
     return coef / total
 
@@ -66,6 +74,10 @@ class SFRonParams(ForgetBatchParams):
                           help="saliency threshold on F_f / F_r")
     lam: float = hparam(0.5, ge=0, le=10, search=uniform(0.0, 1.5),
                         paper=f"{RELEASE}: λ = 0.5 (TinyImageNet 0.6)", help="exponent of the adaptive weights ℓ^(−λ)")
+    loss_floor: float = hparam(1e-4, ge=0, le=1,
+                               paper=f"not in the {RELEASE} (0 there: set 0 to reproduce it); 1e-4 (p(y) > 0.9999) "
+                                     "is set from float32's resolution of a per-sample cross-entropy, not tuned",
+                               help="losses below this weigh as this in the adaptive weights (see adaptive_weights)")
     forget_every: int = hparam(5, ge=1, le=10_000, search=randint(1, 10), paper=f"{RELEASE}: forget_freq 5",
                                help="a forget step every this many iterations")
     forget_weight: float = hparam(25.0, gt=0, le=1e6, search=loguniform(1.0, 100.0),
@@ -109,7 +121,7 @@ class SFRon(Method):
         """−Σ w_i ℓ_i over the global batch (this worker's share, scaled for DDP's gradient averaging)."""
         losses = ctx.loss(ctx.model, forget)
         if self.params.adaptive:
-            self.sample_weights = adaptive_weights(losses, self.params.lam, ctx.comm)
+            self.sample_weights = adaptive_weights(losses, self.params.lam, ctx.comm, self.params.loss_floor)
         else:
             self.sample_weights = torch.full_like(losses, 1.0 / (len(losses) * ctx.comm.world_size)).detach()
         return -ctx.comm.world_size * (self.sample_weights * losses).sum()

@@ -10,6 +10,8 @@ measures the declared defaults on held-out classes and seeds.
     python benchmarks/choose_defaults.py                       # classes 5 8 14, seeds 0 1
     python benchmarks/choose_defaults.py --job jobs/digits-class.yaml --classes 0 4 7 --methods ga \
         --tag digits-mlp                                       # GA's lr for the digits MLP (`mlp` family)
+    python benchmarks/choose_defaults.py --classes 5 --seeds 0 --methods iu --tag synthetic-class-iu
+                                                               # IU's alpha on synthetic-class's own validation split
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ GRIDS = {
     # put 0.016 best and 0.03 collapsing. GA is knife-edge in lr, so the grid is dense around that.
     # (A first grid, lr 0.004..0.024 at 3 epochs, left FA ≥ 65 on average: the edge moves with the class.)
     "ga": {"lr": [0.016, 0.024, 0.032, 0.048, 0.064], "epochs": [3.0, 6.0, 10.0]},
+    # IU's alpha on the cnn (the synthetic jobs set it; an earlier look on synthetic-class's test split said 2).
+    "iu": {"alpha": [1.0, 1.5, 2.0, 3.0, 5.0]},
 }
 FORGETS = 1.0  # FA (percent) a point must reach on every tuning (class, seed) to be eligible
 # Methods ranked by mean Gap alone: GA's points that forget everywhere are all collapses (the first digits

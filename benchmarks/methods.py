@@ -48,6 +48,17 @@ def _spread(std) -> str:
     return f" ± {std:.2f}" if isinstance(std, (int, float)) else ""
 
 
+def _protocol(res: dict) -> str:
+    """Which protocol a section was measured under: seeds (mean ± std) and the validation split, or neither."""
+    seeds = res.get("seeds")
+    held_out = "validation" in res.get("sizes", {})
+    if seeds:
+        return f"Seeds {seeds}: cells are mean ± std (ddof 1); " + (
+            "TA/MIA/KL on the reported test split, a validation split held out for tuning." if held_out else "")
+    return ("One seed" + ("" if held_out else ", measured before the evaluation protocol (no validation split held "
+                          "out; some of its job settings were tuned on this split)") + ": no spread.")
+
+
 def checks(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
     """The issue's 'done when' lines, evaluated on the measured figures."""
     out: list[tuple[str, bool, str]] = []
@@ -111,7 +122,8 @@ def main() -> None:
              "`seconds` is the unlearning itself (retrain: training from scratch); speed-up = retrain / method.", ""]
     for name, res in results.items():
         lines += [f"## {name}", "", f"spec `{res.get('spec', '?')}`; dataset {res['dataset']} / {res['model']}; "
-                  f"forget {json.dumps(res['forget'])}; sizes {json.dumps(res['sizes'])}", "", table(res["methods"]), ""]
+                  f"forget {json.dumps(res['forget'])}; sizes {json.dumps(res['sizes'])}", "", _protocol(res), "",
+                  table(res["methods"]), ""]
     lines += ["## Acceptance checks", ""]
     for text, ok, detail in checks(results):
         lines.append(f"- {'met' if ok else 'NOT met'}: {text} ({detail})")

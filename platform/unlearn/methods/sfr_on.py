@@ -56,7 +56,7 @@ def adaptive_weights(losses: torch.Tensor, lam: float, comm: Comm | None = None,
 class SFRonParams(ForgetBatchParams):
     lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1), family={"cnn": 7e-4},
                        paper=f"{RELEASE}: SGD lr 0.01 (diffusion release: Adam 1e-4); cnn 7e-4, chosen on "
-                             f"{SELECTION} among 7e-4..6e-3: Gap 1.06 (0.01: 6.1 on class 5)",
+                             f"{SELECTION} among 7e-4..6e-3: Gap 1.12 (0.01: 6.1 on class 5)",
                        help="learning rate")
     steps: int | None = hparam(150, ge=1, le=10_000_000, search=randint(50, 500),
                                paper=f"{RELEASE}: 1500 iterations for 45k retain images; 150 (~8 retain passes) "

@@ -252,3 +252,21 @@ def test_nothing_tune_selects_reads_the_reported_test_split(ray_session, tmp_pat
     assert json.loads(clean[0])["splits"]["TA"] == "validation split"
     assert shuffled[1] == clean[1]
     assert shuffled[0] == clean[0]
+
+
+
+def test_a_diverged_trial_reports_the_penalty_and_the_runs_own_message(tmp_path):
+    """A trial whose run failed ranks last and says why (tune.json and the progress line show the message)."""
+    from unlearn.run_queue import RunQueue
+    from unlearn.tuning.trials import Shared, _report_failure
+
+    queue = RunQueue([{"label": "ga", "role": "method"}], base_ready=True)
+    queue.next(0)
+    queue.failed(0, {"error": "DivergedError", "message": "ga: forget_loss became nan at step 5/21 (try a lower lr)"})
+    shared = Shared.__new__(Shared)
+    shared.failure_value, shared.out_dir = 100.0, str(tmp_path)
+    reports: list[dict] = []
+    _report_failure(shared, queue, "t1", reports.append)
+    assert reports == [{"gap": 100.0, "proxy": 100.0, "final": True, "diverged": True, "progress": 1.0,
+                        "why": "ga: forget_loss became nan at step 5/21 (try a lower lr)"}]
+    assert (tmp_path / "trials" / "t1.log").read_text().startswith("diverged ")

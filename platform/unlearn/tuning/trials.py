@@ -77,8 +77,11 @@ class TrialReports:
                 "seconds": summary.seconds, "diverged": False}
 
 
-def _penalty(shared: Shared) -> dict[str, Any]:
-    return {**{k: shared.failure_value for k in ("gap", "proxy")}, "final": True, "diverged": True, "progress": 1.0}
+def _penalty(shared: Shared, record: dict[str, Any]) -> dict[str, Any]:
+    """What a failed run reports: the penalty, and why it failed (the run's error message)."""
+    why = record.get("error", {}).get("message", "") if isinstance(record.get("error"), dict) else str(record.get("error"))
+    return {**{k: shared.failure_value for k in ("gap", "proxy")}, "final": True, "diverged": True, "progress": 1.0,
+            "why": why[:500]}
 
 
 def _plain(value: Any) -> Any:
@@ -189,8 +192,9 @@ def _in_process(shared: Shared, job, trial_id: str) -> None:
 def _report_failure(shared: Shared, queue, trial_id: str, report) -> None:
     """A trial whose run failed (a NaN loss) reports the penalty, so the search ranks it last and goes on."""
     finished = dict(queue.take_finished())
-    if any("error" in record for record in finished.values()):
-        penalty = _penalty(shared)
+    failed = [record for record in finished.values() if "error" in record]
+    if failed:
+        penalty = _penalty(shared, failed[0])
         _log_execution(shared, trial_id, "diverged", penalty)
         report(penalty)
 
@@ -231,7 +235,7 @@ def _on_engine(shared: Shared, job, trial_id: str) -> None:
         finished = dict(ray.get(queue.take_finished.remote()))
         record = finished.get(0, {})
         if "error" in record:
-            penalty = _penalty(shared)
+            penalty = _penalty(shared, record)
             _log_execution(shared, trial_id, "diverged", penalty)
             tune.report(penalty)
         elif record.get("metrics") is not None:

@@ -60,6 +60,10 @@ GRIDS = {
     "ga": {"lr": [0.016, 0.024, 0.032, 0.048, 0.064], "epochs": [3.0, 6.0, 10.0]},
     # IU's alpha on the cnn (the synthetic jobs set it; an earlier look on synthetic-class's test split said 2).
     "iu": {"alpha": [1.0, 1.5, 2.0, 3.0, 5.0]},
+    # TARF: with BatchNorm frozen (the platform's policy for forget-only batches) its phase-I ascent overflows on
+    # the cnn (NaN by step 22 on synthetic concept-data at the declared lr); a gradient-norm clip, or BatchNorm
+    # updating as in the releases, each keep it finite.
+    "tarf": {"clip_grad": [1.0, 5.0, 20.0], "norm_stats": ["frozen", "update"]},
 }
 FORGETS = 1.0  # FA (percent) a point must reach on every tuning (class, seed) to be eligible
 # Methods ranked by mean Gap alone: GA's points that forget everywhere are all collapses (the first digits
@@ -180,7 +184,7 @@ def score_grid(args: argparse.Namespace) -> dict:
                 metrics = score(prep, executor, evaluator, state, name, point)
                 if not metrics.get("diverged"):
                     metrics["gap"] = gap(metrics, reference)
-                key = ", ".join(f"{k}={v:g}" for k, v in point.items())
+                key = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
                 scores[name].setdefault(key, []).append(metrics)
                 print(f"class {c} seed {seed}: {name} {key}: FA {metrics['FA']:.2f} Gap {metrics['gap']:.2f}",
                       file=sys.stderr, flush=True)

@@ -9,7 +9,8 @@ import torch
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.params import ForgetBatchParams, MethodParams, hparam, loguniform, uniform
+from unlearn.params import (DIVERGES_FROZEN, ForgetBatchParams, MethodParams, forget_batch_norm_stats, hparam,
+                            loguniform, uniform)
 
 
 def random_other_labels(y: torch.Tensor, num_classes: int, index: torch.Tensor, salt: int) -> torch.Tensor:
@@ -87,6 +88,8 @@ def scheduled_random_label_loss(ctx: Context, forget: Batch, retain: Batch, para
 
 
 class RLParams(ForgetBatchParams):
+    norm_stats: Literal["update", "frozen"] = forget_batch_norm_stats(
+        family={"cnn": "update"}, why=DIVERGES_FROZEN.format(step=14))
     lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1),
                        paper="Golatkar et al. 2020; settings of SalUn's RL baseline (lr ~0.01, SGD momentum 0.9)",
                        help="learning rate")

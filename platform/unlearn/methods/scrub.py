@@ -9,6 +9,7 @@ Which steps are max steps depends only on the step number, so every worker agree
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +17,14 @@ import torch.nn.functional as F
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.distill import kl_to_teacher, teacher_logits
-from unlearn.params import ForgetBatchParams, hparam, loguniform, randint, uniform
+from unlearn.params import DIVERGES_FROZEN, ForgetBatchParams, forget_batch_norm_stats, hparam, loguniform, randint, uniform
 
 SCRUB_PAPER = "Kurmanji et al. 2023 release (meghdadk/SCRUB)"
 
 
 class ScrubParams(ForgetBatchParams):
+    norm_stats: Literal["update", "frozen"] = forget_batch_norm_stats(
+        family={"cnn": "update"}, why=DIVERGES_FROZEN.format(step=65))
     lr: float = hparam(3e-3, gt=0, le=10, search=loguniform(1e-4, 0.01),
                        paper=f"{SCRUB_PAPER}: sgda_learning_rate 5e-4 (ResNet-18); 3e-3 for the small models here "
                              "(digits MLPs: 2e-3 can leave FA at 64%, 1e-2 costs up to 30 points of RA)",

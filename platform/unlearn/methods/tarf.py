@@ -20,7 +20,7 @@ import torch
 
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.params import FORGET_BATCH_NORM_POLICY, SELECTION, ForgetBatchParams, choice, hparam, loguniform, uniform
+from unlearn.params import SELECTION, ForgetBatchParams, choice, forget_batch_norm_stats, hparam, loguniform, uniform
 from unlearn.schedules import SCHEDULE_KINDS, ScheduleKind, schedule
 
 TARF_PAPER = "Zhu et al. 2025, Decoupling the Class Label and the Target Concept in Machine Unlearning (TARF)"
@@ -80,11 +80,9 @@ class TARFParams(ForgetBatchParams):
                                            "among clip 1, 5, 20 x BatchNorm frozen/updating: Gap 0.72 (1 with frozen: "
                                            "1.32; 5 or 20 with frozen: 56-64, the ascent collapses the model; 1 is the "
                                            "grid's edge)", help="gradient-norm clip of every step (None: no clipping)")
-    norm_stats: Literal["update", "frozen"] = hparam(
-        "frozen", family={"cnn": "update"},
-        paper=f"{FORGET_BATCH_NORM_POLICY}. TARF on the cnn declares 'update' (its release trains in BatchNorm's "
-              f"training mode), chosen with clip_grad on {SELECTION}",
-        help="BatchNorm layers: 'frozen' at the original's running statistics, or 'update' them (training mode)")
+    norm_stats: Literal["update", "frozen"] = forget_batch_norm_stats(
+        family={"cnn": "update"}, why=f"TARF on the cnn declares 'update' (its release trains in BatchNorm's training "
+                                      f"mode), chosen with clip_grad on {SELECTION}")
     ascend_identified: bool = hparam(True, search=choice([True, False]),
                                      paper="TARF: 'an annealed gradient ascent on the identified potential forgetting "
                                            "data' (phase II), not only on the given forget set",

@@ -119,8 +119,9 @@ def forget_batch_norm_stats(family: dict[str, str] | None = None, why: str = "")
 
 
 # Measured on the cnn at the methods' declared lr (synthetic class 5, seed 0, 2026-12-04): with BatchNorm in
-# evaluation mode nothing renormalises the activations, and these runs overflow; updating, they finish.
-DIVERGES_FROZEN = "With frozen statistics its loss became NaN on the cnn (synthetic class forgetting, step {step}), so on the cnn it updates them, as its release does"
+# evaluation mode nothing renormalises the activations, and these runs overflow or collapse; updating, they do not.
+DIVERGES_FROZEN = ("With frozen statistics it {what} on the cnn (synthetic class 5, seed 0, at its declared lr), so on "
+                   "the cnn it updates them, as its release does")
 
 
 class ForgetBatchParams(MethodParams):

@@ -89,7 +89,7 @@ def scheduled_random_label_loss(ctx: Context, forget: Batch, retain: Batch, para
 
 class RLParams(ForgetBatchParams):
     norm_stats: Literal["update", "frozen"] = forget_batch_norm_stats(
-        family={"cnn": "update"}, why=DIVERGES_FROZEN.format(step=14))
+        family={"cnn": "update"}, why=DIVERGES_FROZEN.format(what="its loss became NaN (step 14)"))
     lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1),
                        paper="Golatkar et al. 2020; settings of SalUn's RL baseline (lr ~0.01, SGD momentum 0.9)",
                        help="learning rate")

@@ -17,7 +17,7 @@ from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.rl import RELEASE_SCHEDULE, release_epoch_steps, scheduled_random_label_loss
 from unlearn.methods.whole_set import flatten, mean_gradient, unflatten
-from unlearn.params import ForgetBatchParams, hparam, loguniform, uniform
+from unlearn.params import DIVERGES_FROZEN, ForgetBatchParams, forget_batch_norm_stats, hparam, loguniform, uniform
 
 
 def top_fraction_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
@@ -31,6 +31,8 @@ def top_fraction_mask(scores: dict[str, torch.Tensor], fraction: float) -> dict[
 
 
 class SalUnParams(ForgetBatchParams):
+    norm_stats: Literal["update", "frozen"] = forget_batch_norm_stats(
+        family={"cnn": "update"}, why=DIVERGES_FROZEN.format(what="collapsed to chance (RA 5.3%; updating: RA 98.0)"))
     lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1),
                        paper="SalUn release (classification, RL-based): lr ~0.01-0.013, SGD momentum 0.9",
                        help="learning rate")

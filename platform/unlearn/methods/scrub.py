@@ -24,7 +24,7 @@ SCRUB_PAPER = "Kurmanji et al. 2023 release (meghdadk/SCRUB)"
 
 class ScrubParams(ForgetBatchParams):
     norm_stats: Literal["update", "frozen"] = forget_batch_norm_stats(
-        family={"cnn": "update"}, why=DIVERGES_FROZEN.format(step=65))
+        family={"cnn": "update"}, why=DIVERGES_FROZEN.format(what="its loss became NaN (step 65)"))
     lr: float = hparam(3e-3, gt=0, le=10, search=loguniform(1e-4, 0.01),
                        paper=f"{SCRUB_PAPER}: sgda_learning_rate 5e-4 (ResNet-18); 3e-3 for the small models here "
                              "(digits MLPs: 2e-3 can leave FA at 64%, 1e-2 costs up to 30 points of RA)",

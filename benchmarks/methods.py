@@ -48,6 +48,24 @@ def _spread(std) -> str:
     return f" ± {std:.2f}" if isinstance(std, (int, float)) else ""
 
 
+def _norm_policy(res: dict) -> str:
+    """Which BatchNorm policy each method of the section's job ran with (its params, else its family default)."""
+    from unlearn.methods import build
+
+    try:
+        spec = spec_mod.load(ROOT / res["spec"])
+    except Exception:  # a job file that moved since: say nothing rather than guess
+        return ""
+    if spec.model.name not in ("cnn", "resnet18") or "validation" not in res.get("sizes", {}):
+        return ""  # no BatchNorm, or measured before the policy (the job files say what runs now)
+    by = {}
+    for entry in spec.methods:
+        params = build(entry.name, dict(entry.params), family=spec.model.name).params
+        if "norm_stats" in type(params).model_fields:
+            by.setdefault(params.norm_stats, []).append(entry.run_name)
+    return "BatchNorm while unlearning: " + "; ".join(f"{policy}: {', '.join(names)}" for policy, names in sorted(by.items())) + "."
+
+
 def _protocol(res: dict) -> str:
     """Which protocol a section was measured under: seeds (mean ± std) and the validation split, or neither."""
     seeds = res.get("seeds")
@@ -123,6 +141,7 @@ def main() -> None:
     for name, res in results.items():
         lines += [f"## {name}", "", f"spec `{res.get('spec', '?')}`; dataset {res['dataset']} / {res['model']}; "
                   f"forget {json.dumps(res['forget'])}; sizes {json.dumps(res['sizes'])}", "", _protocol(res), "",
+                  *([_norm_policy(res), ""] if _norm_policy(res) else []),
                   table(res["methods"]), ""]
     lines += ["## Acceptance checks", ""]
     for text, ok, detail in checks(results):

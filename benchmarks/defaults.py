@@ -17,11 +17,13 @@ std over the seeds, then the mean over every (class, seed), with the issue's che
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
@@ -29,7 +31,7 @@ sys.path.insert(0, str(ROOT / "platform"))
 from unlearn import spec as spec_mod  # noqa: E402
 from unlearn.atomic import write_json_atomic, write_text_atomic  # noqa: E402
 from unlearn.job import run_job  # noqa: E402
-from unlearn.methods import get  # noqa: E402
+from unlearn.methods import build  # noqa: E402
 
 BASE_JOB = ROOT / "jobs" / "synthetic-class.yaml"
 SEED_METHODS = ("delete", "sfr_on", "grogu")  # the checks: FA <= 1 and Gap <= 3 at declared defaults
@@ -56,7 +58,8 @@ def markdown(report: dict) -> str:
              f"Class forgetting ({report['base_job']}: data, model, original recipe; original "
              f"{report['train_epochs']} epochs), classes {report['classes']} (no job or tuning used them), seeds "
              f"{report['seeds']}; every method at its declared defaults; retrain with the original's recipe; "
-             "one process, 2 CPU cores. Cells: mean ± std (ddof 1) over seeds. `seconds` is the unlearning "
+             f"one process, {report.get('threads', '?')} torch thread(s) on {report.get('cores', '?')} cores. Cells: "
+             "mean ± std (ddof 1) over seeds. `seconds` is the unlearning "
              "itself, set-up passes included (SFR-on's Fisher); speed-up = retrain / method.", "",
              "BatchNorm policy per method (its declared `norm_stats`): "
              + ", ".join(f"{m} {p}" for m, p in report["norm_stats"].items()) + ".", ""]
@@ -100,7 +103,8 @@ def main() -> None:
 
     report = {
         "tag": args.tag, "base_job": str(args.job.resolve().relative_to(ROOT)), "classes": args.classes, "seeds": seeds,
-        "train_epochs": spec.train.epochs, "norm_stats": {m: get(m).Params().norm_stats for m in args.methods},
+        "train_epochs": spec.train.epochs, "norm_stats": {m: build(m, {}, family=spec.model.name).params.norm_stats for m in args.methods},
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "overall": table(lambda m: per_seed[m]),
         "per_class": {str(c): table(lambda m, c=c: [results[c]["methods"][m]["per_seed"][str(s)] for s in seeds])
                       for c in args.classes},

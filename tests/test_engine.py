@@ -252,7 +252,8 @@ def _kill_after_checkpoints(storage_root: Path, label: str, checkpoints: int, st
 @pytest.mark.ray
 def test_a_worker_killed_in_the_third_method_resumes_it_and_the_job_matches_an_uninterrupted_run(
         ray_session, digits, tmp_path, monkeypatch):
-    methods = [{"name": "ft", "params": {"steps": 20}}, {"name": "ga", "params": {"steps": 20}},
+    # GA at an lr that stays finite for 20 steps (its mlp default, 0.032, is set for ~7 and overflows by step 15)
+    methods = [{"name": "ft", "params": {"steps": 20}}, {"name": "ga", "params": {"steps": 20, "lr": 0.005}},
                {"name": "ft", "label": "ft-long", "params": {"steps": 3000}}, {"name": "delete"}]
     reference = run_job(_job(digits, methods), tmp_path / "local")  # in process: the same steps, uninterrupted
     monkeypatch.setenv("UNLEARN_REPORT_EVERY_S", "1")  # a checkpoint about every second
@@ -282,7 +283,9 @@ def test_a_worker_killed_in_the_third_method_resumes_it_and_the_job_matches_an_u
 
 @pytest.mark.ray
 def test_the_quickstart_on_ray_agrees_with_the_in_process_run_in_one_train_run(ray_session, digits, tmp_path):
-    methods = [{"name": "retrain"}, {"name": "ga", "params": {"steps": 30}}, {"name": "sfr_on", "params": {"steps": 40}}]
+    # GA at an lr that stays finite for 30 steps (its mlp default, 0.032, is set for ~7 and overflows by step 15)
+    methods = [{"name": "retrain"}, {"name": "ga", "params": {"steps": 30, "lr": 0.005}},
+               {"name": "sfr_on", "params": {"steps": 40}}]
     local = run_job(_job(digits, methods), tmp_path / "local")
     ray_results = run_job(_job(digits, methods, enabled=True, num_workers=2), tmp_path / "ray")
     assert ray_results["engine"] | {"wall_seconds": 0, "runs": 0} == {
@@ -358,7 +361,7 @@ def test_two_worker_groups_on_a_started_head_overlap_and_match_one_group(digits,
         _wait_for_gcs(gcs, timeout_s=90)
         # Runs long enough that the groups must overlap even on a loaded machine (at 150 steps, with three
         # other jobs on the 2 cores, one group's ft ended before the other group's first run began).
-        methods = [{"name": "ft", "params": {"steps": 600}}, {"name": "ga", "params": {"steps": 30}},
+        methods = [{"name": "ft", "params": {"steps": 600}}, {"name": "ga", "params": {"steps": 30, "lr": 0.005}},
                    {"name": "delete"}, {"name": "tarf", "params": {"steps": 600}}]
         results = {}
         for groups in (1, 2):

@@ -373,3 +373,15 @@ def test_a_dataset_registered_later_is_keyed_on_everything(tmp_path):
     assert key != store_key(DatasetSpec.model_construct(name="toy", root=str(tmp_path / "src"), num_train=99), 0)
     (tmp_path / "src" / "b.bin").write_bytes(b"4")
     assert key != store_key(spec, 0)
+
+
+def test_a_store_opened_from_a_relative_cache_dir_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    """Ray Train runs workers in another working directory: the store they are handed must not be relative."""
+    monkeypatch.chdir(tmp_path)
+    store = open_store(DatasetSpec(name="digits"), 3, ".cache/unlearn")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    shipped = pickle.loads(pickle.dumps(store))
+    assert shipped.path("train").is_absolute() and shipped.num_rows("train") == store.num_rows("train") > 0
+    assert len(pq.read_table(shipped.path("train"), columns=["row"])) == store.num_rows("train")

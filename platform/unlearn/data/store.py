@@ -376,7 +376,9 @@ def _fingerprint(files: list[Path]) -> list:
 
 def open_store(spec: DatasetSpec, seed: int, cache_dir: str | Path = ".cache/unlearn") -> RowStore:
     """The store of a job's dataset: opened from the cache (meta.json only) or built once from the loader."""
-    folder = Path(cache_dir) / "data" / f"store-{store_key(spec, seed)}"
+    # Absolute: workers open the store by this path, and Ray Train runs them in another working directory
+    # (a relative cache_dir such as the default failed every worker of `make run` on a fresh clone).
+    folder = Path(cache_dir).resolve() / "data" / f"store-{store_key(spec, seed)}"
     if folder.exists():
         try:
             return RowStore(folder)

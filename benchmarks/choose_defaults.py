@@ -47,10 +47,10 @@ BASE_JOB = ROOT / "jobs" / "synthetic-class.yaml"
 # grids go one step lower. Then SFR-on's pick by mean Gap on one seed (lr 7e-4) left class 11 unforgotten on
 # every held-out seed (FA 99): the rule now asks a point to forget on every tuning (class, seed) first.
 GRIDS = {
-# DELETE and GROGU: T 4 beat T 1 at every lr of the second pass (defaults-selection.md before 2026-12-04), and
-# the held-out benchmark then missed Gap ≤ 3 through retained accuracy lost over the declared 20 epochs
-# (class 11: RA 88), so the third pass searches the length of the run instead of T. Shorter runs were worse at
-# every lr on the first 3 tuning (class, seed) pairs (5 epochs: Gap 5-9 vs 1.5-3.9 at 20), so the grid goes longer.
+    # DELETE and GROGU: T 4 beat T 1 at every lr of the second pass (defaults-selection.md before 2026-12-04),
+    # and the held-out benchmark then missed Gap ≤ 3 through retained accuracy lost over the declared 20 epochs
+    # (class 11: RA 88), so the third pass searches the length of the run instead of T. Shorter runs were worse
+    # at every lr on the first 3 tuning (class, seed) pairs (5 epochs: Gap 5-9 vs 1.5-3.9 at 20): the grid goes longer.
     "delete": {"lr": [3e-5, 1e-4, 3e-4], "temperature": [4.0], "epochs": [10.0, 20.0, 40.0]},
     "grogu": {"lr": [3e-5, 1e-4, 3e-4], "temperature": [4.0], "epochs": [10.0, 20.0, 40.0]},
     "sfr_on": {"lr": [0.0007, 0.0015, 0.003, 0.006]},
@@ -176,8 +176,8 @@ def score_grid(args: argparse.Namespace) -> dict:
         prep = replace(prep, splits=prep.splits.for_tuning())  # the validation rows stand in for the test split
         evaluator = ClassificationEvaluator(prep.splits, mia=spec.eval.mia, seed=spec.seed)
         state, info = original_model(spec, prep.splits, prep.input_shape, executor, prep.task)
-        key = f"{info['key']}-class{c}-validation{spec.eval.validation_fraction:g}"
-        reference = reference_metrics(prep, executor, evaluator, state, Path(args.cache), key)
+        reference_key = f"{info['key']}-class{c}-validation{spec.eval.validation_fraction:g}"
+        reference = reference_metrics(prep, executor, evaluator, state, Path(args.cache), reference_key)
         print(f"class {c} seed {seed}: retrain (validation) {reference}", file=sys.stderr, flush=True)
         for name in args.methods:
             for point in points(GRIDS[name]):

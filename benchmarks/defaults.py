@@ -103,7 +103,8 @@ def main() -> None:
 
     report = {
         "tag": args.tag, "base_job": str(args.job.resolve().relative_to(ROOT)), "classes": args.classes, "seeds": seeds,
-        "train_epochs": spec.train.epochs, "norm_stats": {m: build(m, {}, family=spec.model.name).params.norm_stats for m in args.methods},
+        "train_epochs": spec.train.epochs,
+        "norm_stats": {m: build(m, {}, family=spec.model.name).params.norm_stats for m in args.methods},
         "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "overall": table(lambda m: per_seed[m]),
         "per_class": {str(c): table(lambda m, c=c: [results[c]["methods"][m]["per_seed"][str(s)] for s in seeds])

@@ -139,10 +139,10 @@ def main() -> None:
              "Produced by `python benchmarks/methods.py` (2-core CPU, in-process executor unless noted).",
              "`seconds` is the unlearning itself (retrain: training from scratch); speed-up = retrain / method.", ""]
     for name, res in results.items():
+        policy = _norm_policy(res)
         lines += [f"## {name}", "", f"spec `{res.get('spec', '?')}`; dataset {res['dataset']} / {res['model']}; "
                   f"forget {json.dumps(res['forget'])}; sizes {json.dumps(res['sizes'])}", "", _protocol(res), "",
-                  *([_norm_policy(res), ""] if _norm_policy(res) else []),
-                  table(res["methods"]), ""]
+                  *([policy, ""] if policy else []), table(res["methods"]), ""]
     lines += ["## Acceptance checks", ""]
     for text, ok, detail in checks(results):
         lines.append(f"- {'met' if ok else 'NOT met'}: {text} ({detail})")

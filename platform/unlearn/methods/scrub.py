@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.distill import kl_to_teacher, teacher_logits
-from unlearn.params import DIVERGES_FROZEN, ForgetBatchParams, forget_batch_norm_stats, hparam, loguniform, randint, uniform
+from unlearn.params import (DIVERGES_FROZEN, ForgetBatchParams, forget_batch_norm_stats, hparam, loguniform, randint,
+                            uniform)
 
 SCRUB_PAPER = "Kurmanji et al. 2023 release (meghdadk/SCRUB)"
 

@@ -63,7 +63,8 @@ class TrialProgress(Callback):
         if value is not None and math.isfinite(value) and last.get("final") and not last.get("diverged"):
             if self.best is None or (value < self.best if self.mode == "min" else value > self.best):
                 self.best = value
-        how = (f"diverged ({last.get('why') or 'no reason given'})" if last.get("diverged") else "completed" if last.get("final")
+        how = (f"diverged ({last.get('why') or 'no reason given'})" if last.get("diverged")
+               else "completed" if last.get("final")
                else f"stopped early at report {last.get('training_iteration', 0)}/{self.reports}")
         print(f"[tune] trial {self._done(trials, trial)}/{self.total} {trial.trial_id}: {how}, {self.metric}={_short(value)} "
               f"(best {_short(self.best)}) {_config_text(trial.config)}", file=sys.stderr, flush=True)

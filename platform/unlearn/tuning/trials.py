@@ -79,7 +79,8 @@ class TrialReports:
 
 def _penalty(shared: Shared, record: dict[str, Any]) -> dict[str, Any]:
     """What a failed run reports: the penalty, and why it failed (the run's error message)."""
-    why = record.get("error", {}).get("message", "") if isinstance(record.get("error"), dict) else str(record.get("error"))
+    error = record["error"]  # the queue records a failed run as {"error": {"error": kind, "message": ...}}
+    why = error.get("message", "") if isinstance(error, dict) else str(error)
     return {**{k: shared.failure_value for k in ("gap", "proxy")}, "final": True, "diverged": True, "progress": 1.0,
             "why": why[:500]}
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from unlearn import cli
@@ -178,3 +180,104 @@ def test_console_script_exit_code(tmp_path):
 def test_cure_on_a_forget_set_spanning_every_class(tmp_path, capsys):
     line = _bad(tmp_path, capsys, _with(forget={"kind": "random", "fraction": 0.2}, methods=[{"name": "grogu"}]))
     assert line.startswith("error: methods.0.params.mask_classes: every class would be masked"), line
+
+
+# Fail fast (issue 15): what would otherwise hang for minutes or fail deep inside the job ends before any
+# work, within 30 s, with one line, exit 2, and nothing written under --out.
+UNREACHABLE_MLFLOW = "http://127.0.0.1:9"  # the discard port: nothing listens there
+
+
+def test_unreachable_tracking_server(tmp_path, capsys):
+    started = time.monotonic()
+    line = _bad(tmp_path, capsys, _with(tracking={"enabled": True, "uri": UNREACHABLE_MLFLOW}))
+    assert time.monotonic() - started < 30
+    assert f"MLflow tracking server at {UNREACHABLE_MLFLOW} does not answer" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_tracking_server_from_the_environment(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", UNREACHABLE_MLFLOW)
+    line = _bad(tmp_path, capsys, _with(tracking={"enabled": True}))
+    assert UNREACHABLE_MLFLOW in line and "MLFLOW_TRACKING_URI" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreachable_tracking_server_console_script(tmp_path):
+    """`unlearn run` and `unlearn tune` end within 30 s with exit 2 (MLflow's own client retries for minutes)."""
+    path = _write(tmp_path, _with(tracking={"enabled": True, "uri": UNREACHABLE_MLFLOW}))
+    exe = Path(sys.executable).parent / "unlearn"
+    for command in (["run", str(path)], ["tune", str(path), "--method", "ft"]):
+        started = time.monotonic()
+        proc = subprocess.run([str(exe), *command, "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=60)
+        assert time.monotonic() - started < 30
+        assert proc.returncode == 2, proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"error: MLflow tracking server at {UNREACHABLE_MLFLOW}"), lines
+        assert not (tmp_path / "out").exists()
+
+
+def test_output_folder_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "out").write_text("not a folder")
+    started = time.monotonic()
+    line = _bad(tmp_path, capsys, GOOD)
+    assert time.monotonic() - started < 30
+    assert "output folder is not writable" in line and "out (it is a file, not a folder)" in line, line
+    assert (tmp_path / "out").read_text() == "not a folder"
+
+
+def test_unwritable_checkpoint_storage(tmp_path, capsys):
+    from unlearn.engine import STORAGE_ENV
+    from unlearn.preflight import STORAGE_ENV as checked
+
+    assert checked == STORAGE_ENV  # the preflight checks the variable the engine reads
+    (tmp_path / "file").write_text("not a folder")
+    storage = tmp_path / "file" / "engine"
+    started = time.monotonic()
+    line = _bad(tmp_path, capsys, _with(ray={"enabled": True, "storage": str(storage)}))
+    assert time.monotonic() - started < 30  # stopped before Ray started
+    assert line.startswith(f"error: ray.storage is not writable: {storage}"), line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_more_workers_than_the_embedded_session_can_ever_hold(tmp_path, capsys, ray_session):
+    started = time.monotonic()
+    line = _bad(tmp_path, capsys, _with(ray={"enabled": True, "num_workers": 64}))
+    assert time.monotonic() - started < 30
+    assert "the job asks for 64 CPUs (1 group x 64 workers x 1 CPU)" in line and "ray.num_workers" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_a_joined_cluster_is_waited_for_then_refused(ray_session, monkeypatch, capsys):
+    """A joined cluster may grow (autoscaling) or be busy: wait `ray.resource_wait_s` with one line, then refuse."""
+    import ray
+
+    from unlearn import ray_session as session
+    from unlearn.errors import BadInput
+    from unlearn.spec import RaySpec
+
+    monkeypatch.setattr(session, "in_embedded_session", lambda: False)
+    session.check_fits(RaySpec(num_workers=1, resource_wait_s=0))  # what fits never waits
+    for spec, busy, expected in [(RaySpec(num_workers=64, resource_wait_s=0.5), False, "in all after 0.5 s"),
+                                 (RaySpec(num_workers=1, resource_wait_s=0.5), True, "were free within 0.5 s")]:
+        if busy:
+            monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
+        started = time.monotonic()
+        with pytest.raises(BadInput, match=expected):
+            session.check_fits(spec, poll_s=0.1)
+        assert 0.5 <= time.monotonic() - started < 5
+        waited = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(waited) == 1 and waited[0].startswith("waiting up to 0.5 s for"), waited
+
+
+def test_embedded_session_is_sized_to_the_machine(monkeypatch):
+    from unlearn.ray_session import embedded_cpus
+    from unlearn.spec import RaySpec
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert embedded_cpus(RaySpec(num_workers=2)) == 3  # the quickstart: a CPU stays free beside the workers
+    assert embedded_cpus(RaySpec(num_workers=1)) == 2
+    assert embedded_cpus(RaySpec(num_workers=64)) == 2  # never the request: check_fits refuses it
+    assert embedded_cpus(RaySpec(num_workers=2, groups=4)) == 3  # groups beyond the machine share it

@@ -23,6 +23,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = spec_mod.load(args.job, args.set)
     if args.seeds is not None:  # --seeds N: the spec's seed and the N - 1 after it
         spec = spec_mod.validate({**spec.model_dump(mode="json"), "seeds": list(range(spec.seed, spec.seed + args.seeds))})
+    from unlearn.preflight import preflight
+
+    # Before Ray starts: the folder job.run_job writes to (same default), the engine's storage, MLflow's server.
+    preflight(spec, Path(args.out) if args.out else Path("results") / spec.name)
     with _session(spec, "unlearn.job", "unlearn.engine", "unlearn.local_trainer"):
         from unlearn.job import run_job
 
@@ -86,6 +90,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not args.job:
         raise BadInput("unlearn tune: give a JOB.yaml (or --resume DIR)")
     spec = spec_mod.load(args.job, args.set)
+    from unlearn.preflight import preflight
+
+    # MLflow's server before any work; run_tune checks its output folder (default named after the method) itself.
+    preflight(spec, Path(args.out) if args.out else None, engine_storage=False)
     run_tune(spec, method=args.method, num_samples=args.num_samples, out_dir=Path(args.out) if args.out else None)
     return 0
 

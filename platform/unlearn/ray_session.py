@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import sys
@@ -86,32 +85,131 @@ def connect(spec: RaySpec) -> bool:
     """Join the spec's cluster, or RAY_ADDRESS's (set by `ray job submit`), or start Ray locally.
 
     True when this call started the session (the caller shuts it down). An address that does not answer
-    becomes BadInput within about PROBE_TIMEOUT_S seconds instead of Ray's long connection retries.
+    becomes BadInput within about PROBE_TIMEOUT_S seconds instead of Ray's long connection retries, and
+    so does a worker group the session can never hold (`check_fits`, also run on a session already up).
     """
     import ray
 
     lean_train_env()
-    if ray.is_initialized():
+    if ray.is_initialized():  # a session someone else started (tests, a Tune driver): the job must still fit it
+        check_fits(spec)
         return False
     address = spec.address or os.environ.get("RAY_ADDRESS") or None
     common = {"logging_level": "warning", "log_to_driver": True, "ignore_reinit_error": True}
-    if address is None:  # embedded default: a fresh local instance, sized so Ray Data keeps a CPU beside the workers
-        needed = math.ceil(spec.groups * spec.num_workers * spec.cpus_per_worker) + 1
+    if address is None:  # embedded default: a fresh local instance, sized to this machine (never to the request)
+        _refuse_short(spec, {"CPU": float(embedded_cpus(spec))}, _EMBEDDED)  # CPUs are known: no need to start Ray
         # No prestarted idle workers: the job's actors all start their own processes (Train's carry its
         # env vars), so Ray's warm pool would sit idle, a CPU-second of start-up apiece on a small machine.
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False,
+        ray.init(address="local", num_cpus=embedded_cpus(spec), include_dashboard=False,
                  _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False}, **common)
         _EMBEDDED_SESSIONS.add(ray.get_runtime_context().gcs_address)
-        return True
-    target = _host_port(address)
-    if target is not None:
-        _probe(address, target)
+    else:
+        target = _host_port(address)
+        if target is not None:
+            _probe(address, target)
+        try:
+            ray.init(address=address, **common)
+        except Exception as err:  # ConnectionError, RuntimeError: one line for the user
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BadInput(f"cannot reach Ray cluster at {address}: {first}") from None
     try:
-        ray.init(address=address, **common)
-    except Exception as err:  # ConnectionError, RuntimeError: one line for the user
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadInput(f"cannot reach Ray cluster at {address}: {first}") from None
+        check_fits(spec)
+    except BaseException:  # the caller never learns it started the session: end it here
+        ray.shutdown()
+        raise
     return True
+
+
+def embedded_cpus(spec: RaySpec) -> int:
+    """Logical CPUs of the embedded local session: this machine's, plus one when a worker group fills them.
+
+    The extra one keeps a CPU beside the workers for Ray Data's read tasks (`data: streaming`) when a
+    group takes the last core, as the quickstart's 2 workers do on 2 cores. A request larger than the
+    machine gets nothing more (it used to get a session of its own size, and hours of oversubscription
+    or a silent wait): `check_fits` refuses it.
+    """
+    cores = os.cpu_count() or 1
+    group = spec.num_workers * spec.cpus_per_worker
+    return cores + 1 if cores - 1 < group <= cores else cores
+
+
+def _group_needs(spec: RaySpec) -> dict[str, float]:
+    """Logical resources one worker group holds while it runs (Train places a group's workers all at once)."""
+    return {"CPU": spec.num_workers * spec.cpus_per_worker, **({"GPU": float(spec.num_workers)} if spec.use_gpu else {})}
+
+
+def _short_of(needs: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in needs.items() if have.get(k, 0.0) + 1e-9 < v}
+
+
+def _asked(spec: RaySpec, kind: str, amount: float) -> str:
+    per = f"{spec.cpus_per_worker:g} CPU" if kind == "CPU" else "1 GPU"
+    return f"{_count(amount, kind)} (1 group x {_count(spec.num_workers, 'worker')} x {per})"
+
+
+def _count(amount: float, noun: str) -> str:
+    return f"{amount:g} {noun}{'' if amount == 1 else 's'}"
+
+
+_EMBEDDED = f"the embedded Ray session on this machine ({os.cpu_count() or 1} cores)"
+
+
+def _fields(needs: dict[str, float]) -> str:
+    return "ray.num_workers, ray.cpus_per_worker" + (", ray.use_gpu" if "GPU" in needs else "")
+
+
+def _refuse_short(spec: RaySpec, have: dict[str, float], where: str) -> None:
+    """BadInput when one worker group needs more than `have` holds in all."""
+    needs = _group_needs(spec)
+    short = _short_of(needs, have)
+    if short:
+        kind = next(iter(short))
+        raise BadInput(f"the job asks for {_asked(spec, kind, needs[kind])} but {where} has "
+                       f"{_count(have.get(kind, 0.0), kind)} in all ({_fields(needs)})")
+
+
+def check_fits(spec: RaySpec, poll_s: float = 1.0) -> None:
+    """BadInput before any work unless one worker group of the job can be placed on the Ray session.
+
+    A group whose workers exceed the cluster's total logical resources never starts (Ray queues it
+    silently). The embedded session cannot grow, so that is final there; a joined cluster may be
+    autoscaling, or (total enough) busy with other work, so the check waits up to `ray.resource_wait_s`
+    for the group to fit in free resources, with one line saying so. Several groups that together exceed
+    the cluster only share it (the engine reports `groups_shared_cpus`).
+    """
+    import time
+
+    import ray
+
+    needs = _group_needs(spec)
+    if in_embedded_session():  # it cannot grow; anything holding its CPUs now is the job's and gives them back
+        _refuse_short(spec, ray.cluster_resources(), _EMBEDDED)
+        return
+    short = _short_of(needs, ray.cluster_resources())
+    fields = _fields(needs)
+    short_free = _short_of(needs, ray.available_resources())
+    if not short_free:
+        return
+    kind = next(iter(short or short_free))  # CPU before GPU: the one the user most likely got wrong
+    if spec.resource_wait_s > 0:
+        total, free = ray.cluster_resources().get(kind, 0.0), ray.available_resources().get(kind, 0.0)
+        reason = (f"the cluster has {total:g} in all and may be autoscaling" if short
+                  else f"{free:g} of the cluster's {total:g} are free")
+        print(f"waiting up to {spec.resource_wait_s:g} s for {_asked(spec, kind, needs[kind])}: {reason} "
+              "(ray.resource_wait_s)", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + spec.resource_wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        short, short_free = _short_of(needs, ray.cluster_resources()), _short_of(needs, ray.available_resources())
+        if not short_free:
+            return
+        kind = next(iter(short or short_free))
+    total, free = ray.cluster_resources().get(kind, 0.0), ray.available_resources().get(kind, 0.0)
+    if short:
+        raise BadInput(f"the job asks for {_asked(spec, kind, needs[kind])} but the Ray cluster has {_count(total, kind)} "
+                       f"in all after {spec.resource_wait_s:g} s ({fields}, ray.resource_wait_s)")
+    raise BadInput(f"the job asks for {_asked(spec, kind, needs[kind])} but only {free:g} of the Ray cluster's "
+                   f"{_count(total, kind)} were free within {spec.resource_wait_s:g} s ({fields}, ray.resource_wait_s)")
 
 
 @contextlib.contextmanager

@@ -227,6 +227,10 @@ class RaySpec(Strict):
     # exact: each worker holds the rows its slices of every global batch touch (steps equal one process's);
     # streaming: workers stream their shard of the training table through Ray Data (bounded memory, not step-exact)
     data: Literal["exact", "streaming"] = "exact"
+    # Seconds to wait, before any work, for a joined cluster to have room for one worker group: a busy cluster
+    # (free resources below the group's) or an autoscaling one still growing; then the job stops with one line
+    # (Ray itself would queue the group silently, forever when it never fits). The embedded session never waits.
+    resource_wait_s: float = Field(60.0, ge=0, le=86_400)
 
 
 class TrackingSpec(Strict):

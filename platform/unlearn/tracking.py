@@ -40,6 +40,61 @@ def resolve_uri(spec: TrackingSpec) -> str:
     return f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
+PROBE_TIMEOUT_S = 5.0
+# Gateway answers: a proxy is up but the server behind it is not (MLflow's client retries these for minutes);
+# 404: whatever answers is no MLflow server (every MLflow server has /health).
+_NOT_ANSWERING = (404, 502, 503, 504)
+
+
+def probe(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """BadInput within `timeout_s` unless the MLflow server at an http(s) `uri` answers; other URIs pass.
+
+    MLflow's client retries a silent server with backoff for minutes; one GET of its /health page, in a
+    thread joined with a deadline (DNS included), tells the user at once. Any HTTP answer but a gateway
+    error or a 404 counts: authentication and TLS are the client's business, not the probe's.
+    """
+    import ssl
+    import threading
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from unlearn.errors import BadInput
+
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])  # no credentials: in the message, or needed
+    shown = parts.geturl()
+    health = parts._replace(path=parts.path.rstrip("/") + "/health", query="", fragment="").geturl()
+    failure: list[str] = []
+
+    def get() -> None:
+        try:
+            context = ssl._create_unverified_context() if parts.scheme == "https" else None  # liveness only
+            urllib.request.urlopen(health, timeout=timeout_s, context=context).close()
+        except urllib.error.HTTPError as err:
+            if err.code in _NOT_ANSWERING:
+                failure.append(f"HTTP {err.code} {err.reason} for {health}")
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, ssl.SSLError):
+                return  # a TLS server answered
+            text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+            failure.append(text[:1].lower() + text[1:])
+        except Exception as err:  # a malformed URL, a bad port: still one line
+            failure.append(str(err) or type(err).__name__)
+
+    worker = threading.Thread(target=get, name="unlearn-mlflow-probe", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        failure.append(f"no reply within {timeout_s:g} s")
+    if failure:
+        raise BadInput(f"MLflow tracking server at {shown} does not answer ({failure[0]}); "
+                       "check tracking.uri or MLFLOW_TRACKING_URI")
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     """Nested spec -> {'a.b.c': 'value'} for MLflow params."""
     out: dict[str, str] = {}

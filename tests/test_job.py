@@ -7,8 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import mlflow.artifacts
-import mlflow.pytorch
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -78,17 +76,18 @@ def test_mlflow_has_runs_params_metrics_artifacts(quickstart):
         assert run.data.params["method"] == name
         for key in ("FA", "RA", "TA", "MIA", "gap", "KL", "seconds"):
             assert run.data.metrics[key] == pytest.approx(results["methods"][name][key], abs=1e-3)
-        paths = {a.path for a in client.list_artifacts(run_id)}
-        assert "losses.png" in paths and "model" in paths
+        assert "losses.png" in {a.path for a in client.list_artifacts(run_id)}
+        model = client.get_logged_model(results["mlflow"]["models"][name].removeprefix("models:/"))  # MLflow 3
+        assert model.source_run_id == run_id and model.name == name
         assert len(client.get_metric_history(run_id, next(k for k in run.data.metrics if "loss" in k))) > 1
 
 
 def test_logged_model_reproduces_the_reported_accuracy(quickstart):
-    """The MLflow model artifact is the unlearned model: loading it gives the reported FA."""
+    """The run's LoggedModel (`models:/<id>`) is the unlearned model: loading it gives the reported FA."""
+    from unlearn.model_logging import load_module
+
     _, results = quickstart
-    local = mlflow.artifacts.download_artifacts(run_id=results["mlflow"]["runs"]["retrain"], artifact_path="model",
-                                                tracking_uri=results["mlflow"]["tracking_uri"])
-    model = mlflow.pytorch.load_model(local)
+    model = load_module(results["mlflow"]["models"]["retrain"], results["mlflow"]["tracking_uri"])
     from unlearn.data.digits import load_digits_dataset
 
     ds = load_digits_dataset(0.25, 0)

@@ -120,6 +120,26 @@ def test_mlflow_has_a_parent_search_run_with_one_nested_run_per_trial(search):
     assert [t for t, r in by_trial.items() if r.data.tags.get("unlearn.best") == "true"] == [result["best"]["trial_id"]]
 
 
+def test_report_shows_the_search_as_a_table_of_its_trials(search):
+    """`unlearn report` reads the search back: one row per trial (status, gap, proxy, lr), best first and marked."""
+    from unlearn.reporting import report
+
+    _, result = search
+    lines = report(uri=result["mlflow"]["tracking_uri"]).splitlines()
+    assert lines[0].startswith("tune-digits: tune ga (run ") and "4 trials, gap min" in lines[0]
+    header = lines[1].split()
+    assert header[:4] == ["trial", "status", "gap", "proxy"] and header[-1] == "lr"
+    rows = lines[3:]
+    assert len(rows) == 4 and rows[0].startswith(f"* {result['best']['trial_id']} ")
+    assert sum(row.startswith("* ") for row in rows) == 1
+    for trial in result["trials"]:
+        row = next(r.split() for r in rows if f" {trial['trial_id']} " in f" {r} ")
+        shift = row[0] == "*"  # the best row's mark is a column of its own once split
+        assert row[1 + shift] == trial["status"]
+        assert float(row[header.index("gap") + shift]) == pytest.approx(trial["metrics"]["gap"], abs=0.005)
+        assert float(row[-1]) == pytest.approx(trial["config"]["lr"], rel=1e-3)
+
+
 def _interrupt_after(folder: Path, finished: int, timeout: float = 240.0) -> threading.Thread:
     """Send this process SIGUSR1 (Tune's graceful stop, like Ctrl-C) once `finished` trials have ended."""
     def watch():

@@ -1,4 +1,4 @@
-"""`unlearn run | tune | methods | report`: wiring only; the work lives in job.py, tuning/, tracking.py.
+"""`unlearn run | tune | methods | report | register`: wiring only; the work lives in job.py, tuning/, tracking.py.
 
 Exit codes: 0 done, 2 bad spec or usage (one line naming the cause), 1 failure.
 """
@@ -80,6 +80,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    from unlearn.registry import register
+
+    done = register(args.run_id, args.name, args.alias, args.tracking_uri)
+    alias = f", alias {done['alias']}" if done["alias"] else ""
+    print(f"registered {done['name']} version {done['version']}{alias} ({done['source']}, run {done['run_id']})")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from unlearn import spec as spec_mod
     from unlearn.tuning import resume_tune, run_tune
@@ -114,6 +123,12 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", help="experiment (job) name; default: every experiment")
     report.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or ./mlruns.db)")
     report.set_defaults(fn=cmd_report)
+    register = sub.add_parser("register", help="put a method run's logged model into the MLflow model registry")
+    register.add_argument("run_id", metavar="RUN_ID", help="the method's MLflow run (results.json: mlflow.runs)")
+    register.add_argument("--name", required=True, help="registered model name (created if missing)")
+    register.add_argument("--alias", help="alias to point at the new version, e.g. champion")
+    register.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or ./mlruns.db)")
+    register.set_defaults(fn=cmd_register)
     if _tuning_available():
         tune = sub.add_parser("tune", help="Ray Tune search over one method's parameters")
         tune.add_argument("job", nargs="?", help="job spec YAML")

@@ -70,6 +70,7 @@ class RunOutput:
     label: str = ""
     error: dict[str, str] | None = None  # a run that failed: {"error": type, "message": line}
     starts: int = 1  # how often the run was started (restarts included)
+    system: list[dict[str, float]] = field(default_factory=list)  # rank 0's system metrics samples (system_metrics.py)
 
 
 @dataclass
@@ -194,4 +195,4 @@ def output_from_record(request: RunRequest, record: dict[str, Any], read: Callab
     return RunOutput(state=data["state"], seconds=data["seconds"], history=data["history"], metrics=data["metrics"],
                      outputs=data["outputs"], captured=data["captured"], label=request.label,
                      resumed_from_step=data["resumed_from_step"], starts=record.get("starts", 1),
-                     restarts=record.get("restarts", 0))
+                     restarts=record.get("restarts", 0), system=data.get("system", []))

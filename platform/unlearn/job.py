@@ -189,6 +189,7 @@ class Recorder:
         self.results: dict[str, dict[str, Any]] = {}
         self.outputs: dict[str, Any] = {}
         self.run_ids: dict[str, str] = {}
+        self.model_uris: dict[str, str] = {}  # label -> models:/<id> of its LoggedModel (tracking.log_models)
         self.engine_rows: dict[str, dict[str, Any]] = {}
         self.task_evaluator = job.evaluator  # diffusion: compares and saves the grids the workers drew
         if self.task_evaluator is not None:
@@ -223,12 +224,15 @@ class Recorder:
         self.results[request.label] = {**metrics, "seconds": out.seconds}
         self.outputs[request.label] = outputs
         self.tracker.history(run_id, out.history)
+        self.tracker.system(run_id, out.system)
         self.tracker.metrics(run_id, metrics | {"seconds": out.seconds})
         if out.resumed_from_step:
             self.tracker.tag(run_id, "unlearn.resumed_from_step", str(out.resumed_from_step))
             self.tracker.metrics(run_id, {"restarts": out.restarts})
         self._artifacts(run_id, model, request.label, out.history, outputs)
-        self.tracker.model(run_id, model)
+        uri = self.tracker.model(run_id, model, request.input_shape, request.task, name=request.label)
+        if uri:
+            self.model_uris[request.label] = uri
         self.tracker.end(run_id, "FINISHED")
 
     def _artifacts(self, run_id: str, model: torch.nn.Module, name: str, history: list | None, outputs: Any) -> None:
@@ -315,7 +319,7 @@ def run_one_seed(spec: JobSpec, out_dir: Path | None = None, executor: Executor 
                 | {"runs": recorder.engine_rows},
                 "failed": failed,
                 "mlflow": {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
-                           "parent_run": parent or None, "runs": recorder.run_ids},
+                           "parent_run": parent or None, "runs": recorder.run_ids, "models": recorder.model_uris},
             }
             if spec.forget.kind == "concept":  # what each run was told of the target concept
                 payload["concept_known"] = {e.run_name: concept_known(e, spec.forget) for e in spec.methods}

@@ -109,6 +109,7 @@ def run_seeds(spec: JobSpec, out_dir: Path | None = None, executor: Executor | N
             payload["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                                  "parent_run": parent or None,
                                  "runs": next(iter(per_seed.values()))["mlflow"]["runs"],  # the first seed's
+                                 "models": next(iter(per_seed.values()))["mlflow"].get("models", {}),
                                  "runs_per_seed": {str(s): r["mlflow"]["runs"] for s, r in per_seed.items()},
                                  "seed_runs": {str(s): r["mlflow"]["parent_run"] for s, r in per_seed.items()}}
             tracker.metrics(parent, {f"{name}.{k}": v for name, m in payload["methods"].items() for k, v in m.items()

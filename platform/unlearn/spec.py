@@ -237,6 +237,9 @@ class TrackingSpec(Strict):
     enabled: bool = True
     uri: str | None = None  # null: MLFLOW_TRACKING_URI, else sqlite:///./mlruns.db + ./mlartifacts
     experiment: str | None = None  # null: the job name
+    # each method run's unlearned model as an MLflow LoggedModel (`models:/<id>`): the whole model, only its
+    # adapter weights (models that expose adapters, e.g. LoRA; others log none and say so once), or none
+    log_models: Literal["full", "adapter", "none"] = "full"
 
 
 class TuneSpec(Strict):

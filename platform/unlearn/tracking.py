@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -117,6 +118,8 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_name = spec.experiment or experiment
         self.experiment_id = self._experiment()
+        self.log_models = spec.log_models
+        self._noted_no_adapter = False
 
     def _experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment_name)
@@ -170,19 +173,59 @@ class Tracker:
             p.write_text(text)
             self.client.log_artifact(run_id, str(p))
 
-    def model(self, run_id: str, model: Any, name: str = "model") -> None:
-        """The unlearned model as an MLflow PyTorch model in the run's artifacts (`runs:/<id>/model`).
+    def model(self, run_id: str, model: Any, input_shape: tuple[int, ...] | None = None,
+              task: str = "classification", name: str = "model") -> str | None:
+        """The run's unlearned model as an MLflow 3 LoggedModel linked to the run; returns `models:/<id>`.
 
-        Saved locally then uploaded with the client, so no global fluent-API state (tracking URI,
-        active run) is touched: several trackers can live in one process.
+        `tracking.log_models` says what: `full` the whole model (classifiers: the `pytorch` flavor; diffusion: a
+        pyfunc of noise, timestep and labels), `adapter` its adapter weights only, `none` nothing (None).
+        Done with the client alone (create the LoggedModel, save locally, upload to its artifact location,
+        finalize READY, or FAILED if any step raises), so no global fluent-API state (tracking URI, active run,
+        active model) is touched: several trackers can live in one process, in threads.
         """
-        import warnings
+        if self.log_models == "none":
+            return None
+        if self.log_models == "adapter":
+            from unlearn.model_logging import adapter_state
 
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            local = Path(tmp) / name
-            mlflow.pytorch.save_model(model, str(local), pip_requirements=["torch"], serialization_format="pickle")
-            self.client.log_artifacts(run_id, str(local), name)
+            state = adapter_state(model)
+            if state is None:
+                if not self._noted_no_adapter:
+                    self._noted_no_adapter = True
+                    print(f"tracking.log_models: adapter: {type(model).__name__} has no adapters; no model is "
+                          "logged (set log_models: full to log the whole model)", file=sys.stderr, flush=True)
+                return None
+        from mlflow.entities import LoggedModelOutput
+
+        from unlearn.model_logging import save_adapter, save_full
+
+        logged = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id,
+            model_type="adapter" if self.log_models == "adapter" else task,
+            tags={"unlearn.task": task, "unlearn.log_models": self.log_models})
+        try:
+            self.client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / "model"
+                if self.log_models == "adapter":
+                    save_adapter(state, local)
+                else:
+                    save_full(model, local, logged, run_id, input_shape, task)
+                self.client.log_model_artifacts(logged.model_id, str(local))
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, "FAILED")
+            raise
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        return f"models:/{logged.model_id}"
+
+    def system(self, run_id: str, samples: list[dict[str, Any]]) -> None:
+        """A worker's system metrics samples as `system/<name>` at step = sample index (MLflow's System tab)."""
+        import math
+
+        items = [Metric(f"system/{k}", float(v), int(s["timestamp"]), i) for i, s in enumerate(samples)
+                 for k, v in s.items() if k != "timestamp" and v is not None and math.isfinite(float(v))]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[start:start + 1000])
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
@@ -211,7 +254,7 @@ class NullTracker:
     def start(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> str:
         return ""
 
-    def __getattr__(self, name: str):  # params, metrics, history, artifact, text, model, tag, end
+    def __getattr__(self, name: str):  # params, metrics, history, system, artifact, text, model, tag, end
         return lambda *args, **kwargs: None
 
     @contextlib.contextmanager

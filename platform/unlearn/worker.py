@@ -26,6 +26,7 @@ from unlearn.evaluation.sharded import EVAL_SPLITS, ShardedClassificationEvaluat
 from unlearn.execution import RunOutput, RunRequest, execute, new_model
 from unlearn.run_queue import WAIT
 from unlearn.shards import RowCache, ShareStream, StreamedShare
+from unlearn.system_metrics import SystemSampler
 
 
 @dataclass
@@ -131,6 +132,20 @@ def serve(job: GroupJob, queue: Any, env: WorkerEnv) -> None:
 
 def run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dict, base: Any,
                 resume: dict[str, Any] | None) -> RunOutput:
+    """`_run_request`, with rank 0's system metrics (CPU, memory, GPU) sampled while it runs into `system`."""
+    if env.rank != 0 or request.role == "evaluate":
+        return _run_request(request, job, env, caches, base, resume)
+    sampler = SystemSampler(env.device).start()
+    try:
+        out = _run_request(request, job, env, caches, base, resume)
+    finally:
+        samples = sampler.stop()
+    out.system = samples
+    return out
+
+
+def _run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dict, base: Any,
+                 resume: dict[str, Any] | None) -> RunOutput:
     """One run on this worker: model at its starting weights, streams over this worker's share, loop, evaluation."""
     start = request.initial_state if request.initial_state is not None else base
     module = new_model(replace(request, initial_state=start))
@@ -225,7 +240,8 @@ def write_result(storage: str, label: str, out: RunOutput) -> dict[str, Any]:
     """Rank 0 writes a finished run's weights, metrics and outputs atomically; the record says where."""
     buffer = io.BytesIO()
     torch.save({"state": out.state, "seconds": out.seconds, "history": out.history, "metrics": out.metrics,
-                "outputs": out.outputs, "captured": out.captured, "resumed_from_step": out.resumed_from_step}, buffer)
+                "outputs": out.outputs, "captured": out.captured, "resumed_from_step": out.resumed_from_step,
+                "system": out.system}, buffer)
     path = result_path(storage, label)
     write_bytes_atomic(buffer.getvalue(), path)
     return {"path": path, "metrics": out.metrics, "seconds": out.seconds}

@@ -20,6 +20,14 @@ DEFAULT_JOB = Path(__file__).resolve().parents[2] / "jobs" / "quickstart.yaml"
 def cmd_run(args: argparse.Namespace) -> int:
     from unlearn import spec as spec_mod
 
+    if args.resume:  # the interrupted job's own output folder
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise BadInput(f"--resume {args.resume} and --out {args.out}: a job resumes in its own folder (give one)")
+        args.out = args.resume
+        from unlearn.resume import STATE_FILE
+
+        if not (Path(args.resume) / STATE_FILE).is_file():  # before anything is created there
+            raise BadInput(f"nothing to resume in {args.resume}: no {STATE_FILE} (was the job started with this --out?)")
     spec = spec_mod.load(args.job, args.set)
     if args.seeds is not None:  # --seeds N: the spec's seed and the N - 1 after it
         spec = spec_mod.validate({**spec.model_dump(mode="json"), "seeds": list(range(spec.seed, spec.seed + args.seeds))})
@@ -30,7 +38,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _session(spec, "unlearn.job", "unlearn.engine", "unlearn.local_trainer"):
         from unlearn.job import run_job
 
-        results = run_job(spec, Path(args.out) if args.out else None)
+        results = run_job(spec, Path(args.out) if args.out else None, resume=bool(args.resume),
+                          progress="quiet" if args.quiet else "auto")
     if results["failed"]:  # every other run finished and is written; one line per run that did not
         for label in results["failed"]:
             print(f"failed: {label}: {results['methods'][label]['error']}", file=sys.stderr)
@@ -116,6 +125,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="results folder (default: results/<name>/)")
     run.add_argument("--seeds", type=int, metavar="N", help="run the job for N seeds (from the spec's seed) and "
                                                           "report mean ± std")
+    run.add_argument("--resume", metavar="DIR", help="finish the job an interrupted driver left in DIR (its --out): "
+                     "finished methods are kept, a cut-off one continues from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress, only the results table and errors")
     run.set_defaults(fn=cmd_run)
     methods = sub.add_parser("methods", help="list methods, their parameters, defaults and sources")
     methods.set_defaults(fn=cmd_methods)
@@ -147,21 +159,36 @@ def _tuning_available() -> bool:
     return importlib.util.find_spec("unlearn.tuning") is not None
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (`ray job stop`, a scheduler's preemption) ends the job like Ctrl-C: its MLflow runs are marked
+    KILLED and `unlearn run --resume` can finish it (Ray sends SIGKILL 3 s later)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None, exit: Callable[[int], None] = sys.exit) -> int:
+    import signal
+    import threading
+
     args = parser().parse_args(argv)
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main else None
     try:
         code = args.fn(args)
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (finish it with: unlearn run JOB --resume <its output folder>)"
+              if getattr(args, "command", None) == "run" else "interrupted", file=sys.stderr)
         code = 130
     except Exception as err:  # one line for the user; the traceback on request
         if os.environ.get("UNLEARN_DEBUG"):
             traceback.print_exc()
         print(f"failed: {type(err).__name__}: {err}", file=sys.stderr)
         code = 1
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
     exit(code)
     return code
 

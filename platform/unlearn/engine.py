@@ -42,13 +42,13 @@ import torch
 from unlearn.checkpoints import AttemptLog, GroupCheckpoint, full_state, write_checkpoint
 from unlearn.execution import RunOutput, RunRequest, output_from_record
 from unlearn.faults import armed_env, maybe_fail
+from unlearn.resume import STORAGE_ENV, storage_for  # noqa: F401  (storage_for: the job's engine folder)
 from unlearn.ray_session import connect, in_embedded_session, local_trainer_class, quiet_ray_data, quiet_worker_logs
 from unlearn.shards import share_fraction
 from unlearn.spec import RaySpec
 from unlearn.run_queue import RunQueue
 from unlearn.worker import GroupJob, WorkerEnv, read_result, serve
 
-STORAGE_ENV = "UNLEARN_RAY_STORAGE"
 REPORT_ENV = "UNLEARN_REPORT_EVERY_S"
 DEFAULT_REPORT_EVERY_S = 5.0
 POLL_S = 0.3
@@ -74,27 +74,37 @@ class RayExecutor:
         self.captured: dict[str, dict[str, Any]] = {}
         self.train_runs = 0
 
-    def run_queue(self, job: GroupJob, on_result: Callable[[int, RunOutput], None]) -> dict[str, Any]:
-        """Run every queue item; `on_result(index, output)` on the driver as each finishes. The engine summary."""
+    def run_queue(self, job: GroupJob, on_result: Callable[[int, RunOutput], None],
+                  progress: Any = None) -> dict[str, Any]:
+        """Run every queue item; `on_result(index, output)` on the driver as each finishes. The engine summary.
+
+        `progress` (progress.Progress) draws rank 0's ticks, polled from the queue with the finished runs;
+        without it the workers' step loops print epoch lines."""
         import ray
 
         t0 = time.perf_counter()
-        token = uuid.uuid4().hex[:8]
+        # A job that names its storage (job.py: <out>/engine/<token>) gets Train runs named from it, so a resumed
+        # driver's groups restore their checkpoints; otherwise a fresh folder per queue.
+        token = os.path.basename(job.storage.rstrip("/")) if job.storage else uuid.uuid4().hex[:8]
         job = replace(job, storage=job.storage or f"{self.storage.rstrip('/')}/{token}", capture=self.capture)
         if isinstance(job.base_state, dict):
             job.base_state = ray.put(job.base_state)
         queue = ray.remote(RunQueue).options(num_cpus=0).remote(
-            [{"label": r.label, "role": r.role} for r in job.requests], job.base_state is not None)
+            [{"label": r.label, "role": r.role} for r in job.requests], job.base_state is not None, job.finished)
         job_ref = ray.put(job)
         groups = max(1, min(self.spec.groups, len(job.requests)))
         errors: dict[int, str] = {}
-        threads = [threading.Thread(target=self._fit_group, args=(g, job, job_ref, queue, token, errors), daemon=True)
+        threads = [threading.Thread(target=self._fit_group, args=(g, job, job_ref, queue, token, errors,
+                                                                  progress is not None), daemon=True)
                    for g in range(groups)]
         for thread in threads:
             thread.start()
         delivered: set[int] = set()
 
         def deliver() -> None:
+            if progress is not None:
+                for tick in ray.get(queue.take_ticks.remote()):
+                    progress.tick(tick)
             for index, record in ray.get(queue.take_finished.remote()):
                 out = output_from_record(job.requests[index], record, read_result)
                 out.starts = _starts(job.storage, out.label)
@@ -120,13 +130,13 @@ class RayExecutor:
                 "wall_seconds": time.perf_counter() - t0, "groups_shared_cpus": self._groups_share_cpus(groups)}
 
     def _fit_group(self, group: int, job: GroupJob, job_ref: Any, queue: Any, token: str,
-                   errors: dict[int, str]) -> None:
+                   errors: dict[int, str], ticks: bool = False) -> None:
         """One group: one TorchTrainer.fit over the queue (run in a driver thread, one per group)."""
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         config = {"job": job_ref, "queue": queue, "group": group, "strategy": self.spec.strategy,
-                  "max_failures": self.spec.max_failures,
+                  "max_failures": self.spec.max_failures, "ticks": ticks,
                   "fail": armed_env(), "report_every_s": float(os.environ.get(REPORT_ENV) or DEFAULT_REPORT_EVERY_S)}
         resources = {"CPU": self.spec.cpus_per_worker, **({"GPU": 1} if self.spec.use_gpu else {})}
         trainer_class = local_trainer_class() if in_embedded_session() else TorchTrainer
@@ -142,7 +152,7 @@ class RayExecutor:
             group_loop, train_loop_config=config, **streaming,
             scaling_config=ScalingConfig(num_workers=self.spec.num_workers, use_gpu=self.spec.use_gpu,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=f"group-{group}-{token}", storage_path=f"{self.storage.rstrip('/')}/train",
+            run_config=RunConfig(name=f"group-{group}-{token}", storage_path=f"{job.storage.rstrip('/')}/train",
                                  logging_config=LoggingConfig(log_level="WARNING"),
                                  failure_config=FailureConfig(max_failures=failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)))
@@ -152,8 +162,8 @@ class RayExecutor:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             errors[group] = f"worker group {group} failed: {first}"
         finally:
-            if "://" not in self.storage:
-                shutil.rmtree(os.path.join(self.storage, "train", f"group-{group}-{token}"), ignore_errors=True)
+            if "://" not in job.storage:
+                shutil.rmtree(os.path.join(job.storage, "train", f"group-{group}-{token}"), ignore_errors=True)
 
     def _groups_share_cpus(self, groups: int) -> bool:
         """Whether the groups had to share CPUs (their `seconds` then include waiting for a core)."""
@@ -224,9 +234,12 @@ def group_loop(config: dict[str, Any]) -> None:
                     max_failures=config["max_failures"],
                     wrap=Wrapper(config["strategy"], device, comm),  # (2) prepare_model inside
                     call=_call, on_epoch=reporter.epoch, on_done=reporter.done,  # (3) ray.train.report inside
-                    resume_for=checkpoint.resume_for, record=attempts.write,
+                    resume_for=checkpoint.resume_for, resuming=checkpoint.running, record=attempts.write,
                     state_of=lambda model, module: full_state(model, module, config["strategy"]),
                     wrap_stream=lambda stream, label: maybe_fail(stream, config["fail"], label, rank, world),
+                    # the driver draws progress from rank 0's ticks (sent without waiting for the queue's answer)
+                    verbose=not config.get("ticks"),
+                    progress=(lambda record: queue.tick.remote(record)) if config.get("ticks") else None,
                     data_shards={name: ray.train.get_dataset_shard(name) for name in streamed_splits(job)}
                     if job.data_mode == "streaming" else {})
     serve(job, queue, env)
@@ -372,8 +385,3 @@ class GroupReporter:
         with tempfile.TemporaryDirectory(prefix="unlearn-ckpt-", ignore_cleanup_errors=True) as folder:
             wrote = write_checkpoint(folder, self.rank, self.strategy, progress, running)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if wrote else None)
-
-
-def storage_for(out_dir: Path, spec: RaySpec) -> str:
-    """Where a job's engine files go: `ray.storage`, UNLEARN_RAY_STORAGE, else `<out>/engine`."""
-    return spec.storage or os.environ.get(STORAGE_ENV) or str(Path(out_dir).resolve() / "engine")

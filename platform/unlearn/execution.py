@@ -84,7 +84,8 @@ class Executed:
 
 
 class Executor(Protocol):
-    def run_queue(self, job: Any, on_result: Callable[[int, RunOutput], None]) -> dict[str, Any]: ...
+    def run_queue(self, job: Any, on_result: Callable[[int, RunOutput], None],
+                  progress: Any = None) -> dict[str, Any]: ...
     def run(self, request: RunRequest) -> RunOutput: ...
 
 
@@ -100,10 +101,11 @@ def new_model(request: RunRequest) -> nn.Module:
 def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, comm: Comm | None = None,
             device: torch.device | str = "cpu", wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
             on_epoch: Callable[..., None] | None = None, resume: dict[str, Any] | None = None,
-            verbose: bool = True, module: nn.Module | None = None) -> Executed:
+            verbose: bool = True, module: nn.Module | None = None,
+            on_tick: Callable[[dict], None] | None = None) -> Executed:
     """Build model, optimizer and context for a request and run the step loop.
 
-    `wrap` is the engine's hook (DDP/FSDP); `resume` is a checkpoint dict
+    `wrap` is the engine's hook (DDP/FSDP); `on_tick` gets the loop's progress records; `resume` is a checkpoint dict
     {"model", "optimizer", "scheduler", "method", "step"} to continue from; `module` replaces the
     model the request would build (callers that already hold one).
     """
@@ -138,7 +140,8 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
         seed=request.seed, scheduler=scheduler,
         resume_method_state=resume.get("method") if resume is not None else None)
     result = loop.run(method, ctx, forget, retain, start_step=start_step, label=request.label,
-                      on_epoch=(lambda s: on_epoch(s, ctx, method)) if on_epoch else None, verbose=verbose)
+                      on_epoch=(lambda s: on_epoch(s, ctx, method)) if on_epoch else None, verbose=verbose,
+                      on_tick=on_tick)
     return Executed(module, model, method, result)
 
 
@@ -151,8 +154,11 @@ class LocalExecutor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.storage = storage
 
-    def run_queue(self, job: Any, on_result: Callable[[int, RunOutput], None]) -> dict[str, Any]:
-        """Every item in order; `on_result(index, output)` as each finishes. Returns the engine summary."""
+    def run_queue(self, job: Any, on_result: Callable[[int, RunOutput], None],
+                  progress: Any = None) -> dict[str, Any]:
+        """Every item in order; `on_result(index, output)` as each finishes. Returns the engine summary.
+
+        `progress` (progress.Progress) draws the runs' ticks; without it the step loop prints epoch lines."""
         from unlearn.comm import LocalComm
         from unlearn.run_queue import RunQueue
         from unlearn.worker import WorkerEnv, read_result, serve
@@ -162,16 +168,22 @@ class LocalExecutor:
             if not job.storage:
                 job.storage = self.storage or tmp
             queue = RunQueue([{"label": r.label, "role": r.role} for r in job.requests],
-                             base_ready=job.base_state is not None)
+                             base_ready=job.base_state is not None, finished=job.finished)
+
+            def deliver(q: RunQueue) -> None:
+                for index, record in q.take_finished():
+                    on_result(index, output_from_record(job.requests[index], record, read_result))
 
             def call(q: RunQueue, name: str, *args: Any) -> Any:
                 value = getattr(q, name)(*args)
                 if name in ("done", "failed"):  # deliver at once: the driver writes MLflow as runs finish
-                    for index, record in q.take_finished():
-                        on_result(index, output_from_record(job.requests[index], record, read_result))
+                    deliver(q)
                 return value
 
-            serve(job, queue, WorkerEnv(comm=LocalComm(), device=self.device, call=call))
+            deliver(queue)  # a resumed job: the runs an earlier attempt finished
+
+            serve(job, queue, WorkerEnv(comm=LocalComm(), device=self.device, call=call, verbose=progress is None,
+                                        progress=progress.tick if progress is not None else None))
         return {"executor": "local", "worker_groups": 1, "train_runs": 0,
                 "wall_seconds": time.perf_counter() - t0}
 

@@ -26,6 +26,8 @@ from unlearn.errors import BadInput, SpecError
 from unlearn.evaluation import build_evaluator
 from unlearn.execution import Executor, LocalExecutor, RunOutput, RunRequest, new_model
 from unlearn.methods import Method, validate_methods
+from unlearn.progress import Progress
+from unlearn.resume import JobState, engine_folder, finished_on_storage, storage_for
 from unlearn.spec import ForgetSpec, JobSpec, MethodSpec, dump
 from unlearn.tasks import task_of
 from unlearn.tracking import flatten, make_tracker
@@ -116,7 +118,7 @@ def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
 def make_executor(spec: JobSpec, out_dir: Path | None = None) -> Executor:
     """Ray Train worker groups when `ray.enabled`, else this process."""
     if spec.ray.enabled:
-        from unlearn.engine import RayExecutor, storage_for
+        from unlearn.engine import RayExecutor
 
         return RayExecutor(spec.ray, seed=spec.seed, storage=storage_for(out_dir, spec.ray) if out_dir else None)
     return LocalExecutor("cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu")
@@ -184,8 +186,9 @@ class Recorder:
     """Writes each run's results and MLflow run as the executor hands it back (the driver's only job)."""
 
     def __init__(self, prep: Prepared, job: GroupJob, tracker: Any, parent: str, info: dict[str, Any],
-                 out_dir: Path) -> None:
+                 out_dir: Path, state: JobState | None = None, progress: Progress | None = None) -> None:
         self.prep, self.job, self.tracker, self.parent, self.info = prep, job, tracker, parent, info
+        self.state, self.progress = state, progress
         self.results: dict[str, dict[str, Any]] = {}
         self.outputs: dict[str, Any] = {}
         self.run_ids: dict[str, str] = {}
@@ -210,16 +213,34 @@ class Recorder:
             self.results["original"] = {**metrics, "seconds": 0.0}
             self.outputs["original"] = outputs
             self._artifacts(self.parent, model, "original", None, outputs)
+            self._finished(request, out, "trained" if request.role == "original" else "evaluated (cached)")
             return
-        run_id = self.tracker.start(request.label, parent=self.parent, tags={"unlearn.method": request.method})
+        if self.state is not None and request.label in self.state.recorded and out.error is None:
+            # a resumed job: this run's MLflow run is complete already; only its numbers are needed here
+            self.run_ids[request.label] = self.state.runs[request.label]
+            self.model_uris.update({request.label: self.state.models[request.label]}
+                                   if request.label in self.state.models else {})
+            self.results[request.label] = {**metrics, "seconds": out.seconds}
+            self.outputs[request.label] = outputs
+            self._finished(request, out, "done (recorded before the resume)")
+            return
+        known = self.state.runs.get(request.label) if self.state is not None else None
+        run_id = self.tracker.reopen(known) if known else self.tracker.start(
+            request.label, parent=self.parent, tags={"unlearn.method": request.method})
         self.run_ids[request.label] = run_id
+        if self.state is not None and run_id:  # before anything is logged: a resume reopens this run, not a new one
+            self.state.run_created(request.label, run_id)
         self.tracker.params(run_id, {"method": request.method, **flatten(request.params.model_dump(mode="json"), "params.")})
         self.engine_rows[request.label] = {"starts": out.starts, "resumed_from_step": out.resumed_from_step}
         if out.error is not None:
             self.results[request.label] = {"error": f"{out.error['error']}: {out.error['message']}"}
             self.tracker.tag(run_id, "unlearn.error", self.results[request.label]["error"][:5000])
             self.tracker.end(run_id, "FAILED")
-            print(f"  [{request.label}] FAILED: {self.results[request.label]['error']}", file=sys.stderr, flush=True)
+            if self.progress is not None:
+                self.progress.finished(request.label, f"[{request.label}] FAILED: {self.results[request.label]['error']}")
+            else:
+                print(f"  [{request.label}] FAILED: {self.results[request.label]['error']}", file=sys.stderr,
+                      flush=True)
             return
         self.results[request.label] = {**metrics, "seconds": out.seconds}
         self.outputs[request.label] = outputs
@@ -234,6 +255,22 @@ class Recorder:
         if uri:
             self.model_uris[request.label] = uri
         self.tracker.end(run_id, "FINISHED")
+        if self.state is not None:
+            if uri:
+                self.state.models[request.label] = uri
+            self.state.run_recorded(request.label)
+        self._finished(request, out, "done")
+
+    def _finished(self, request: RunRequest, out: RunOutput, what: str) -> None:
+        """The run's one line when it ends (its bar, on a terminal, goes)."""
+        if self.progress is None:
+            return
+        metrics = self.results.get(request.label if request.role == "method" else "original", {})
+        shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("FA", "RA", "TA", "FD", "CA")
+                          if isinstance(metrics.get(k), (int, float)))
+        took = f" in {out.seconds:.1f}s" if out.seconds else ""
+        resumed = f", resumed from step {out.resumed_from_step}" if out.resumed_from_step else ""
+        self.progress.finished(request.label, f"[{request.label}] {what}{took}{resumed}" + (f": {shown}" if shown else ""))
 
     def _artifacts(self, run_id: str, model: torch.nn.Module, name: str, history: list | None, outputs: Any) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -265,40 +302,68 @@ def _versus_reference(metrics: dict, out: Any, ref_metrics: dict, ref_out: Any) 
     return versus_reference(metrics, out, ref_metrics, ref_out)
 
 
-def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | None = None) -> dict[str, Any]:
+def resume_queue(job: GroupJob, state: JobState) -> None:
+    """Hand the runs an interrupted attempt finished straight back (their results are on the job's storage)."""
+    from unlearn.worker import read_result
+
+    job.finished = finished_on_storage(job.storage, [r.label for r in job.requests])
+    for index in job.finished:
+        if job.requests[index].role == "original" and job.base_state is None:  # trained, not yet cached
+            job.base_state = read_result(job.finished[index]["path"])["state"]
+
+
+def run_job(spec: JobSpec, out_dir: Path | None = None, executor: Executor | None = None, *,
+            resume: bool = False, progress: str | Progress = "auto") -> dict[str, Any]:
     """Run a whole job; writes results.json in `out_dir` and returns its content (`failed` lists failed runs).
 
-    With `seeds`, the job runs once per seed (see `unlearn.seeds`) and results.json holds the mean ± std."""
+    With `seeds`, the job runs once per seed (see `unlearn.seeds`) and results.json holds the mean ± std.
+    `resume`: finish the job an interrupted driver left in `out_dir` (see `unlearn.resume`). `progress`: how runs
+    show their progress (progress.MODES, or a Progress)."""
+    progress = progress if isinstance(progress, Progress) else Progress(progress)
     if spec.seeds is not None:
         from unlearn.seeds import run_seeds
 
-        return run_seeds(spec, out_dir, executor)
-    return run_one_seed(spec, out_dir, executor)
+        return run_seeds(spec, out_dir, executor, resume=resume, progress=progress)
+    return run_one_seed(spec, out_dir, executor, resume=resume, progress=progress)
 
 
 def run_one_seed(spec: JobSpec, out_dir: Path | None = None, executor: Executor | None = None,
-                 parent_run: str | None = None) -> dict[str, Any]:
+                 parent_run: str | None = None, *, resume: bool = False,
+                 progress: Progress | None = None) -> dict[str, Any]:
     """The job at `spec.seed` (`parent_run`: the MLflow run of a multi-seed job to nest under)."""
     out_dir = Path(out_dir or Path("results") / spec.name)
     check_writable(out_dir)
+    state = JobState.begin(out_dir, spec, resume)
     prep = prepare(spec)
     tracker = make_tracker(spec.tracking, spec.name)
     own_executor = executor is None
     executor = executor or make_executor(spec, out_dir)  # joins Ray first: an unreachable cluster stops here
     job, info = build_queue(prep)
+    job.storage = engine_folder(storage_for(out_dir, spec.ray), state, resume)
+    if resume:
+        resume_queue(job, state)
     splits = prep.splits
-    print(f"job {spec.name}: {spec.dataset.name} / {spec.model.name}, forget {splits.describe}, "
-          f"sizes {splits.sizes()}, {len(job.requests)} runs", file=sys.stderr, flush=True)
-    if not info["cached"]:
-        print(f"original model: training {spec.model.name} on {len(splits.train)} samples "
-              f"({spec.train.epochs} epochs), first in the queue", file=sys.stderr, flush=True)
+    say = progress.note if progress is not None else (lambda line: print(line, file=sys.stderr, flush=True))
+    say(f"job {spec.name}: {spec.dataset.name} / {spec.model.name}, forget {splits.describe}, "
+        f"sizes {splits.sizes()}, {len(job.requests)} runs" + (f", {len(job.finished)} finished before the resume"
+                                                               if resume else ""))
+    if not info["cached"] and not any(job.requests[i].role == "original" for i in job.finished):
+        say(f"original model: training {spec.model.name} on {len(splits.train)} samples "
+            f"({spec.train.epochs} epochs), first in the queue")
     try:
         name = spec.name if parent_run is None else f"{spec.name}-seed{spec.seed}"
-        with tracker.run(name, parent=parent_run, tags={"unlearn.kind": "job", "unlearn.seed": str(spec.seed)}) as parent:
+        with tracker.run(name, parent=parent_run, tags={"unlearn.kind": "job", "unlearn.seed": str(spec.seed)},
+                         run_id=state.parent_run) as parent:
+            state.parent_run = parent or None
+            state.save()
             tracker.params(parent, flatten(spec.model_dump(mode="json")))
             tracker.text(parent, dump(spec), "spec.yaml")
-            recorder = Recorder(prep, job, tracker, parent, info, out_dir)
-            engine = executor.run_queue(job, recorder)
+            recorder = Recorder(prep, job, tracker, parent, info, out_dir, state, progress)
+            try:
+                engine = executor.run_queue(job, recorder, progress=progress)
+            finally:
+                if progress is not None:
+                    progress.close()
             reference = next((r.label for r in job.requests if r.role == "method" and r.method_class.reference), None)
             recorder.compare(reference)
             results = {"original": recorder.results.pop("original"), **recorder.results}

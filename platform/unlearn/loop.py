@@ -109,17 +109,48 @@ def freeze_norm_stats(module: nn.Module) -> None:
             layer.register_forward_pre_hook(hold)
 
 
+def epoch_ends(method: Method, forget_size: int, retain_size: int, total: int, task: str) -> list[int]:
+    """The step at which each epoch ends (ascending; the last is `total`).
+
+    With `epochs` declared, epoch e ends at ceil(e · total / epochs): `train.epochs: 30` shows 30 epochs
+    even when a pass is not a whole number of batches. With `steps` declared, epochs are passes of
+    `steps_per_epoch` steps and the last one may be partial."""
+    per_epoch = steps_per_epoch(method, forget_size, retain_size, task)
+    if method.params.steps is None:
+        n = max(1, math.ceil(method.params.epochs))
+        ends = [math.ceil(e * total / n) for e in range(1, n + 1)]
+    else:
+        ends = [min(e * per_epoch, total) for e in range(1, math.ceil(total / per_epoch) + 1)]
+    return sorted(set(ends))
+
+
 def run(method: Method, ctx: Context, forget: Stream, retain: Stream, *, start_step: int = 0,
         on_epoch: Callable[[EpochSummary], None] | None = None, label: str | None = None,
-        log_every: int = 1, verbose: bool = True) -> LoopResult:
-    """Run `method` from `start_step` to `ctx.total_steps`; returns timing and per-step losses."""
+        log_every: int = 1, verbose: bool = True, on_tick: Callable[[dict], None] | None = None) -> LoopResult:
+    """Run `method` from `start_step` to `ctx.total_steps`; returns timing and per-step losses.
+
+    `on_tick` gets a progress record (progress.Tick's fields) at most every progress.TICK_EVERY_S seconds
+    and at the last step; the first one after a resume says so."""
+    from unlearn.progress import TICK_EVERY_S
+
     label = label or method.name
     t_start = time.perf_counter()
     method.setup(ctx)
     if ctx.resume_method_state:
         method.load_state_dict(ctx.resume_method_state)
-    per_epoch = steps_per_epoch(method, forget.size, retain.size, ctx.task)
-    n_epochs = math.ceil(ctx.total_steps / per_epoch)
+    ends = epoch_ends(method, forget.size, retain.size, ctx.total_steps, ctx.task)
+    n_epochs = len(ends)
+    epoch_at = lambda done: next(e for e, end in enumerate(ends, 1) if done <= end)  # noqa: E731
+    ending = {end: e for e, end in enumerate(ends, 1)}
+    last_tick = -math.inf
+
+    def tick(done: int, losses: dict[str, float], resumed: bool = False) -> None:
+        on_tick({"label": label, "step": done, "total_steps": ctx.total_steps, "epoch": epoch_at(max(done, 1)),
+                 "epochs": n_epochs, "seconds": time.perf_counter() - t_start, "losses": losses, "resumed": resumed})
+
+    if on_tick is not None and start_step > 0:
+        tick(start_step, {}, resumed=True)
+        last_tick = time.monotonic()
     forget_it = forget.batches() if "forget" in method.uses else None
     retain_it = retain.batches() if "retain" in method.uses else None
     history: list[dict[str, float]] = []
@@ -145,9 +176,12 @@ def run(method: Method, ctx: Context, forget: Stream, retain: Stream, *, start_s
         if step % log_every == 0:
             history.append({"step": step, **losses})
         done = step + 1
-        if done % per_epoch == 0 or done == ctx.total_steps:
+        if on_tick is not None and (done == ctx.total_steps or time.monotonic() - last_tick >= TICK_EVERY_S):
+            tick(done, losses)
+            last_tick = time.monotonic()
+        if done in ending:
             summary = EpochSummary(
-                epoch=math.ceil(done / per_epoch), epochs=n_epochs, step=done, total_steps=ctx.total_steps,
+                epoch=ending[done], epochs=n_epochs, step=done, total_steps=ctx.total_steps,
                 losses={k: float(np.mean(v)) for k, v in running.items()}, seconds=time.perf_counter() - t_start)
             running = {}
             if verbose and ctx.comm.rank == 0:

@@ -91,6 +91,9 @@ def connect(spec: RaySpec) -> bool:
     import ray
 
     lean_train_env()
+    # Ray's notice that token authentication is on (its default) says nothing the user must act on; the
+    # authentication itself stays as Ray configures it.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if ray.is_initialized():  # a session someone else started (tests, a Tune driver): the job must still fit it
         check_fits(spec)
         return False

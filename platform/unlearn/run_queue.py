@@ -16,7 +16,8 @@ WAIT = -1  # `next` answer: the base model is not trained yet
 class RunQueue:
     """The job's queue of runs (see the module docstring); plain Python, wrapped as a Ray actor on Ray."""
 
-    def __init__(self, requests: list[dict[str, Any]], base_ready: bool) -> None:
+    def __init__(self, requests: list[dict[str, Any]], base_ready: bool,
+                 finished: dict[int, dict[str, Any]] | None = None) -> None:
         self.items = requests  # {"label", "role"} per run, in queue order
         self.claimed: dict[int, int] = {}  # run index -> group
         self.finished: dict[int, dict[str, Any]] = {}
@@ -25,6 +26,9 @@ class RunQueue:
         self.group_starts: dict[int, int] = {}
         self.method_failures: dict[int, int] = {}
         self.notes: dict[int, str] = {}
+        self.ticks: dict[str, dict[str, Any]] = {}  # each running run's latest progress tick, by label
+        for index, record in sorted((finished or {}).items()):  # a resumed job: runs an earlier attempt finished
+            self.done(int(index), record)
 
     def start_group(self, group: int, max_failures: int) -> bool:
         """Count a (re)start of a group. A restart that follows a run recorded as failed (the group restarts so
@@ -45,13 +49,19 @@ class RunQueue:
             if owner == group and index not in self.finished:
                 return index
         for index, item in enumerate(self.items):
-            if index in self.claimed:
+            if index in self.claimed or index in self.finished:
                 continue
             if item["role"] != "original" and not self.base_ready:
                 return WAIT
             self.claimed[index] = group
             return index
         return None
+
+    def claim(self, group: int, label: str) -> None:
+        """A group whose restored checkpoint was running `label` (a resumed job) takes that run back first."""
+        for index, item in enumerate(self.items):
+            if item["label"] == label and index not in self.finished and index not in self.claimed:
+                self.claimed[index] = group
 
     def note_error(self, index: int, message: str) -> None:
         """A worker's error that may be a lost peer rather than the run's own (kept for the failure message)."""
@@ -76,6 +86,18 @@ class RunQueue:
 
     def base(self) -> dict[str, Any] | None:
         return self.base_state
+
+    def tick(self, record: dict[str, Any]) -> None:
+        """Rank 0's progress (progress.Tick fields); only the latest per run is kept until the driver reads it.
+        A tick that says the run resumed is kept until read even if a later one arrives."""
+        label = record["label"]
+        if self.ticks.get(label, {}).get("resumed"):
+            self.ticks[f"{label}\0resumed"] = self.ticks[label]
+        self.ticks[label] = record
+
+    def take_ticks(self) -> list[dict[str, Any]]:
+        out, self.ticks = list(self.ticks.values()), {}
+        return out
 
     def take_finished(self) -> list[tuple[int, dict[str, Any]]]:
         """Runs finished since the last call (the driver writes their MLflow runs as they come)."""

@@ -11,6 +11,7 @@ which holds the means and standard deviations.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -87,24 +88,40 @@ def _cell(mean: float, std: float | None) -> str:
     return f"{mean:.2f} ± {std:.2f}"
 
 
-def run_seeds(spec: JobSpec, out_dir: Path | None = None, executor: Executor | None = None) -> dict[str, Any]:
-    """Run the job once per seed of `spec.seeds`; writes results.json (mean ± std) in `out_dir`."""
+def run_seeds(spec: JobSpec, out_dir: Path | None = None, executor: Executor | None = None, *,
+              resume: bool = False, progress: Any = None) -> dict[str, Any]:
+    """Run the job once per seed of `spec.seeds`; writes results.json (mean ± std) in `out_dir`.
+
+    `resume`: seeds an interrupted driver finished are read back, the others resumed (see `unlearn.resume`)."""
     from unlearn.job import check_writable, make_executor, run_one_seed
+    from unlearn.resume import JobState
 
     out_dir = Path(out_dir or Path("results") / spec.name)
     check_writable(out_dir)
+    state = JobState.begin(out_dir, spec, resume)
     seeds = seeds_of(spec)
     tracker = make_tracker(spec.tracking, spec.name)
     own_executor = executor is None
     executor = executor or make_executor(spec, out_dir)
     per_seed: dict[int, dict[str, Any]] = {}
     try:
-        with tracker.run(spec.name, tags={"unlearn.kind": "seeds", "unlearn.seeds": ",".join(map(str, seeds))}) as parent:
+        with tracker.run(spec.name, tags={"unlearn.kind": "seeds", "unlearn.seeds": ",".join(map(str, seeds))},
+                         run_id=state.parent_run) as parent:
+            state.parent_run = parent or None
+            state.save()
             tracker.params(parent, flatten(spec.model_dump(mode="json")))
             for k, seed in enumerate(seeds):
-                print(f"seed {seed} ({k + 1}/{len(seeds)})", file=sys.stderr, flush=True)
+                if progress is None or progress.mode != "quiet":
+                    print(f"seed {seed} ({k + 1}/{len(seeds)})", file=sys.stderr, flush=True)
                 one = spec.model_copy(update={"seed": seed, "seeds": None})
-                per_seed[seed] = run_one_seed(one, out_dir / f"seed-{seed}", executor, parent_run=parent)
+                folder = out_dir / f"seed-{seed}"
+                done = folder / "results.json"
+                if resume and done.is_file():  # this seed finished before the driver was lost
+                    per_seed[seed] = json.loads(done.read_text())
+                    continue
+                per_seed[seed] = run_one_seed(one, folder, executor, parent_run=parent,
+                                              resume=resume and (folder / "job-state.json").is_file(),
+                                              progress=progress)
             payload = combine(spec, per_seed)
             payload["mlflow"] = {"tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id,
                                  "parent_run": parent or None,

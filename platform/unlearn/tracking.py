@@ -233,12 +233,21 @@ class Tracker:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def reopen(self, run_id: str) -> str:
+        """An existing run back to RUNNING (a resumed job continues its own runs rather than adding new ones)."""
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
     @contextlib.contextmanager
-    def run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
-        """A run that ends FINISHED, or FAILED if the block raises."""
-        run_id = self.start(name, parent, tags)
+    def run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None,
+            run_id: str | None = None) -> Iterator[str]:
+        """A run (or `run_id` reopened) that ends FINISHED, KILLED if interrupted (Ctrl-C, SIGTERM), else FAILED."""
+        run_id = self.reopen(run_id) if run_id else self.start(name, parent, tags)
         try:
             yield run_id
+        except KeyboardInterrupt:
+            self.end(run_id, "KILLED")
+            raise
         except BaseException:
             self.end(run_id, "FAILED")
             raise
@@ -258,7 +267,8 @@ class NullTracker:
         return lambda *args, **kwargs: None
 
     @contextlib.contextmanager
-    def run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str]:
+    def run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None,
+            run_id: str | None = None) -> Iterator[str]:
         yield ""
 
 

@@ -45,6 +45,7 @@ class GroupJob:
     splits_recipe: Any = None  # data.scenarios.SplitsRecipe: workers rebuild the splits the requests name
     data_mode: str = "exact"  # "streaming": method streams come from the worker's Ray Data shards (env.data_shards)
     splits_recipe_store: Any = None  # the row store the recipe read (streaming decodes the shard's images with it)
+    finished: dict[int, dict[str, Any]] = field(default_factory=dict)  # resumed job: runs already done (index -> record)
 
     def resolved(self) -> "GroupJob":
         """The job with every split name replaced by the split (rebuilt here from the recipe)."""
@@ -74,12 +75,14 @@ class WorkerEnv:
     on_epoch: Callable[..., None] | None = None  # (summary, ctx, method, request): checkpoints, Tune reports
     on_done: Callable[[RunRequest], None] | None = None  # after a run: the checkpoint that marks it done
     resume_for: Callable[[str], dict[str, Any] | None] = lambda label: None
+    resuming: str | None = None  # the run a restored group checkpoint was in the middle of
     state_of: Callable[[torch.nn.Module, torch.nn.Module], Any] = (
         lambda model, module: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
     record: Callable[[dict[str, Any]], None] = lambda event: None  # attempt records
     wrap_stream: Callable[[Any, str], Any] = lambda stream, label: stream  # test-only failure injection
     data_shards: dict[str, Any] = field(default_factory=dict)  # data: streaming: split name -> Ray Data shard
-    verbose: bool = True
+    verbose: bool = True  # the step loop's own epoch lines (a job's driver draws progress from ticks instead)
+    progress: Callable[[dict[str, Any]], None] | None = None  # rank 0's progress ticks (progress.Tick fields)
     max_failures: int = 0  # lost workers a group may restart after
 
     def agree(self, value: Any) -> Any:
@@ -91,6 +94,8 @@ def serve(job: GroupJob, queue: Any, env: WorkerEnv) -> None:
     """Run queue items until none is left (every rank of the group runs the same items in step)."""
     if env.rank == 0:
         env.call(queue, "start_group", env.group, env.max_failures)
+        if env.resuming:  # a resumed job: take the run this group's checkpoint holds back first
+            env.call(queue, "claim", env.group, env.resuming)
     caches: dict[int, RowCache] = {}
     job = job.resolved()
     base = _resolve(job.base_state)
@@ -171,7 +176,9 @@ def _run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dic
     on_epoch = (lambda summary, ctx, method: env.on_epoch(summary, ctx, method, request, evaluator)) \
         if env.on_epoch else None
     run = execute(request, *streams, comm=env.comm, device=env.device, wrap=lambda m: env.wrap(m, request),
-                  on_epoch=on_epoch, resume=resume, verbose=env.verbose and env.rank == 0, module=module)
+                  on_epoch=on_epoch, resume=resume, verbose=env.verbose and env.rank == 0, module=module,
+                  on_tick=(lambda record: env.progress({**record, "group": env.group}))
+                  if env.progress is not None and env.rank == 0 else None)
     metrics, outputs = evaluator.evaluate(run.module) if evaluator is not None else (None, None)
     state = env.state_of(run.model, run.module)
     captured = {name: _to_cpu(getattr(run.method, name)) for name in job.capture if hasattr(run.method, name)}

@@ -98,7 +98,11 @@ def connect(spec: RaySpec) -> bool:
         check_fits(spec)
         return False
     address = spec.address or os.environ.get("RAY_ADDRESS") or None
-    common = {"logging_level": "warning", "log_to_driver": True, "ignore_reinit_error": True}
+    # Workers' and Train controllers' output stays in Ray's log files (session_latest/logs): the driver draws
+    # progress and says a lost worker in one line, where Ray would forward a 25-line controller traceback.
+    # UNLEARN_DEBUG=1 forwards it all again.
+    common = {"logging_level": "warning", "log_to_driver": bool(os.environ.get("UNLEARN_DEBUG")),
+              "ignore_reinit_error": True}
     if address is None:  # embedded default: a fresh local instance, sized to this machine (never to the request)
         _refuse_short(spec, {"CPU": float(embedded_cpus(spec))}, _EMBEDDED)  # CPUs are known: no need to start Ray
         # No prestarted idle workers: the job's actors all start their own processes (Train's carry its

@@ -37,10 +37,22 @@ def _fmt(v) -> str:
 
 
 def table(methods: dict[str, dict]) -> str:
-    lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    backdoor = any("ASR" in m for m in methods.values())  # backdoor jobs: the attack's success, clean TA
+    columns = COLUMNS[:3] + ("ASR", "clean_TA") + COLUMNS[3:] if backdoor else COLUMNS
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, m in methods.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) + _spread(m.get(f"{c}_std")) for c in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) + _spread(m.get(f"{c}_std")) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def with_clean_model(name: str, res: dict, results: dict) -> dict:
+    """A partial-backdoor section's methods with the clean model beside them: the forget-all job's retrain
+    (same data, seed and recipe, trained on the clean images only)."""
+    every = results.get(name.removesuffix("-10"), {}).get("methods", {})
+    if not name.startswith("backdoor-") or not name.endswith("-10") or "retrain" not in every:
+        return res["methods"]
+    clean = {k: v for k, v in every["retrain"].items() if k not in ("gap", "KL", "speedup")}
+    return {**res["methods"], "clean model (forget-all retrain)": clean}
 
 
 def _spread(std) -> str:
@@ -106,6 +118,14 @@ def checks(results: dict[str, dict]) -> list[tuple[str, bool, str]]:
                         f"tarf {r['tarf']['FA']:.2f}, ft {r['ft']['FA']:.2f}, ga {r['ga']['FA']:.2f}"))
             best = min((v["gap"], k) for k, v in r.items() if k not in ("original", "retrain"))
             out.append((f"{job}: TARF has the lowest Gap", best[1] == "tarf", f"lowest: {best[1]} {best[0]:.2f}, tarf {r['tarf']['gap']:.2f}"))
+    bd = m("backdoor-synthetic")
+    if bd and "delete" in bd:
+        o, d = bd["original"], bd["delete"]
+        out.append(("backdoor (synthetic, forget all): the original's ASR ≥ 90", o["ASR"] >= 90, f"ASR {o['ASR']:.2f}"))
+        ok = d["ASR"] <= 5 and abs(d["clean_TA"] - o["clean_TA"]) <= 2
+        out.append(("backdoor (synthetic, forget all): DELETE ASR ≤ 5 with clean_TA within 2 points of the original's",
+                    ok, f"ASR {d['ASR']:.2f}, clean_TA {d['clean_TA']:.2f} vs {o['clean_TA']:.2f}; retrain ASR "
+                        f"{bd['retrain']['ASR']:.2f}, clean_TA {bd['retrain']['clean_TA']:.2f}"))
     slow = [(job, k, v.get("speedup")) for job, res in results.items() if job.startswith("synthetic")
             for k, v in res["methods"].items() if k not in ("original", "retrain") and (v.get("speedup") or 0) < 5]
     out.append(("every method ≥ 5× faster than retrain (synthetic)", not slow,
@@ -142,7 +162,7 @@ def main() -> None:
         policy = _norm_policy(res)
         lines += [f"## {name}", "", f"spec `{res.get('spec', '?')}`; dataset {res['dataset']} / {res['model']}; "
                   f"forget {json.dumps(res['forget'])}; sizes {json.dumps(res['sizes'])}", "", _protocol(res), "",
-                  *([policy, ""] if policy else []), table(res["methods"]), ""]
+                  *([policy, ""] if policy else []), table(with_clean_model(name, res, results)), ""]
     lines += ["## Acceptance checks", ""]
     for text, ok, detail in checks(results):
         lines.append(f"- {'met' if ok else 'NOT met'}: {text} ({detail})")

@@ -34,7 +34,7 @@ from unlearn.tracking import flatten, make_tracker
 from unlearn.training import cached_original, original_request, recipe_params, save_original
 from unlearn.worker import GroupJob
 
-TABLE_COLUMNS = ("FA", "RA", "TA", "MIA", "gap", "KL", "FD", "seconds", "speedup")
+TABLE_COLUMNS = ("FA", "RA", "TA", "ASR", "MIA", "gap", "KL", "FD", "seconds", "speedup")
 
 
 @dataclass
@@ -156,7 +156,8 @@ def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
     requests = [replace(r, forget="empty" if r.role == "evaluate" or not len(r.forget) else names[id(r.forget)],
                         retain="empty" if r.role == "evaluate" else names[id(r.retain)]) for r in requests]
     classifier = prep.task == "classification"  # other tasks: an evaluator built here, run on the workers
-    job = GroupJob(requests=requests, base_state=base, eval_splits=("target", "retain", "test") if classifier else None,
+    evaluated = ("target", "retain", "test") + (("triggered",) if splits.triggered is not None else ())
+    job = GroupJob(requests=requests, base_state=base, eval_splits=evaluated if classifier else None,
                    evaluator=None if classifier else build_evaluator(prep.task, prep.splits, spec, prep.dataset),
                    mia=spec.eval.mia, seed=spec.seed, splits_recipe=SplitsRecipe(prep.dataset, spec.forget, spec.seed,
                                                                     spec.eval.validation_fraction),

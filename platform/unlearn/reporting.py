@@ -10,7 +10,7 @@ from unlearn.job import format_table
 from unlearn.spec import TrackingSpec
 from unlearn.tracking import resolve_uri
 
-REPORT_METRICS = ("FA", "RA", "TA", "MIA", "gap", "KL", "FD", "seconds", "speedup")
+REPORT_METRICS = ("FA", "RA", "TA", "ASR", "clean_TA", "MIA", "gap", "KL", "FD", "seconds", "speedup")
 TRIAL_METRICS = ("gap", "proxy", "FA", "RA", "TA", "MIA", "KL")
 
 

@@ -75,6 +75,15 @@ DATASET_KINDS.register("parquet", DatasetKind(needs_root=True))
 DATASET_KINDS.register("synthetic", DatasetKind())
 
 
+class BackdoorSpec(Strict):
+    """A trigger patch planted in the training data (data/backdoor.py): the original learns the backdoor."""
+
+    target: int = Field(ge=0)  # the class every triggered image is relabelled to
+    fraction: float = Field(0.1, gt=0, lt=1)  # share of the other classes' training images poisoned
+    patch: int = Field(3, ge=1, le=64)  # side of the square trigger, in pixels (bottom-right corner)
+    value: float = Field(1.0, ge=0, le=1)  # the trigger's pixel value
+
+
 class DatasetSpec(Strict):
     name: str  # a name in DATASET_KINDS
     root: str | None = None  # folder (cifar10/cifar100) or file/folder (parquet)
@@ -89,6 +98,7 @@ class DatasetSpec(Strict):
     superclass_column: str | None = None
     # optional resize of every image (e.g. digits 8x8 -> 16x16 for diffusion models)
     resize: int | None = Field(None, ge=4, le=512)
+    backdoor: BackdoorSpec | None = None  # plant a trigger (forget kind `backdoor` then forgets the poisoned rows)
 
     @field_validator("name")
     @classmethod
@@ -178,7 +188,7 @@ class TrainSpec(Strict):
 
 
 class ForgetSpec(Strict):
-    kind: Literal["class", "random", "concept"]
+    kind: Literal["class", "random", "concept", "backdoor"]
     classes: list[int] | None = None
     fraction: float | None = Field(None, gt=0, lt=1)
     mismatch: Literal["all_matched", "target", "model", "data"] = "all_matched"

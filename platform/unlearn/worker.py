@@ -22,7 +22,7 @@ import torch
 from unlearn import loop
 from unlearn.atomic import write_bytes_atomic
 from unlearn.errors import BadInput, DivergedError
-from unlearn.evaluation.sharded import EVAL_SPLITS, ShardedClassificationEvaluator
+from unlearn.evaluation.sharded import ShardedClassificationEvaluator
 from unlearn.execution import RunOutput, RunRequest, execute, new_model
 from unlearn.run_queue import WAIT
 from unlearn.shards import RowCache, ShareStream, StreamedShare
@@ -209,7 +209,7 @@ def _evaluator(job: GroupJob, env: WorkerEnv, caches: dict) -> ShardedClassifica
         return _OnShare(job.evaluator, env)
     if job.eval_splits is None:
         return None
-    split_caches = {name: _cache(caches, job.eval_splits[name]) for name in EVAL_SPLITS}
+    split_caches = {name: _cache(caches, split) for name, split in job.eval_splits.items() if split is not None}
     return ShardedClassificationEvaluator(job.eval_splits, split_caches, env.comm, env.device, mia=job.mia,
                                           seed=job.seed, keep_rows=job.data_mode == "exact")
 

@@ -34,6 +34,10 @@ def load_dataset(spec: DatasetSpec, seed: int, cache_dir: str | Path = ".cache/u
     ds = DATASETS.lookup(spec.name)(spec, seed, Path(cache_dir))
     if spec.resize:
         ds.x_train, ds.x_test = resize(ds.x_train, spec.resize), resize(ds.x_test, spec.resize)
+    if spec.backdoor is not None:  # planted after any resize: the trigger is in the images the model sees
+        from unlearn.data.backdoor import poison
+
+        ds = poison(ds, spec.backdoor, seed)
     return ds
 
 

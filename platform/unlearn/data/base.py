@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +24,8 @@ class ImageDataset:
     class_names: list[str]
     superclass_of: np.ndarray  # int64, one entry per class
     superclass_names: list[str]
+    poisoned: np.ndarray | None = None  # dataset.backdoor: bool per training row (see data/backdoor.py)
+    backdoor: dict[str, Any] | None = None  # the trigger: {"target", "patch", "value"}
 
     def __post_init__(self) -> None:
         self.y_train = np.asarray(self.y_train, dtype=np.int64)

@@ -106,11 +106,15 @@ class Splits:
     validation: Split  # held-out test rows outside the target concept: what tuning reads instead of `test`
     target_labels: list[int]  # model-level labels the target concept occupies (empty for random)
     describe: dict[str, Any] = field(default_factory=dict)
+    # dataset.backdoor: the reported test rows of the other classes with the trigger stamped, labelled with the
+    # backdoor's target (its accuracy is the attack success rate); None for clean data
+    triggered: Split | None = None
 
     def __post_init__(self) -> None:
         for name in SPLIT_NAMES:  # each split knows its name (streamed data is keyed on it)
             split = getattr(self, name)
-            split.name = split.name or name
+            if split is not None:
+                split.name = split.name or name
 
     def sizes(self) -> dict[str, int]:
         return {"forget": len(self.forget), "retain": len(self.retain), "test": len(self.test),
@@ -150,7 +154,7 @@ class SplitsRecipe:
         return {**self.__dict__, "_splits": None}
 
 
-SPLIT_NAMES = ("forget", "remain", "retain", "train", "target", "test", "validation")
+SPLIT_NAMES = ("forget", "remain", "retain", "train", "target", "test", "validation", "triggered")
 
 
 def _take(rows: Rows, y: np.ndarray, mask: np.ndarray) -> Split:
@@ -197,6 +201,10 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int, validation_fracti
         target_train, target_test = given, np.isin(cls_test, spec.classes)
         target_labels = list(spec.classes)
         describe["classes"] = list(spec.classes)
+    elif spec.kind == "backdoor":
+        given = _backdoor_forget(ds, spec, seed, describe)
+        target_train, target_test = given, np.zeros(len(cls_test), dtype=bool)
+        target_labels = []
     elif spec.kind == "random":
         rng = np.random.default_rng(seed)
         n_forget = int(round(spec.fraction * len(cls_train)))
@@ -227,10 +235,41 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int, validation_fracti
         validation=_take(test_rows, labels_test, ~target_test & held_out),
         target_labels=target_labels,
         describe=describe,
+        triggered=_triggered(ds, test_rows, labels_test, held_out),
     )
     if len(np.unique(splits.retain.y)) < 2 and n_out > 1:
         raise SpecError("forget", "fewer than two labels remain after forgetting: nothing meaningful to retain")
     return splits
+
+
+def _backdoor_forget(ds: Any, spec: ForgetSpec, seed: int, describe: dict[str, Any]) -> np.ndarray:
+    """The poisoned training rows handed to the methods: all of them, or a seeded `fraction` of them."""
+    from unlearn.data.backdoor import backdoor_of
+
+    trigger, poisoned = backdoor_of(ds)
+    if trigger is None:
+        raise SpecError("forget.kind", "backdoor forgetting needs a backdoored dataset (set dataset.backdoor)")
+    given = np.array(poisoned, dtype=bool, copy=True)
+    if spec.fraction is not None:
+        rows = np.flatnonzero(poisoned)
+        keep = np.random.default_rng([seed, 0xF0F]).choice(rows, max(1, int(round(spec.fraction * len(rows)))),
+                                                           replace=False)
+        given[:] = False
+        given[keep] = True
+    describe.update(target=int(trigger["target"]), poisoned=int(poisoned.sum()), forgotten=int(given.sum()))
+    return given
+
+
+def _triggered(ds: Any, test_rows: Rows, labels_test: np.ndarray, held_out: np.ndarray) -> Split | None:
+    """The `triggered` evaluation split of a backdoored dataset (None for clean data)."""
+    from unlearn.data.backdoor import TriggeredRows, backdoor_of
+
+    trigger, _ = backdoor_of(ds)
+    if trigger is None:
+        return None
+    idx = np.flatnonzero((labels_test != trigger["target"]) & ~held_out)
+    return Split(None, np.full(len(idx), trigger["target"], dtype=np.int64), idx,
+                 TriggeredRows(test_rows, trigger["patch"], trigger["value"]), name="triggered")
 
 
 def _concept(ds: ImageDataset, spec: ForgetSpec, cls_train: np.ndarray, cls_test: np.ndarray,

@@ -119,6 +119,20 @@ class RowStore:
         """The classes that make up one superclass, in id order."""
         return [int(c) for c in np.flatnonzero(self.superclass_of == superclass)]
 
+    @property
+    def backdoor(self) -> dict | None:
+        """The planted trigger ({"target", "patch", "value"}), None for clean data (data/backdoor.py)."""
+        return self._meta.get("backdoor")
+
+    @property
+    def poisoned(self) -> np.ndarray | None:
+        """bool per training row: whether it carries the trigger (None for clean data)."""
+        if "poisoned" not in self._meta:
+            return None
+        mask = np.zeros(self.num_rows("train"), dtype=bool)
+        mask[np.asarray(self._meta["poisoned"], dtype=np.int64)] = True
+        return mask
+
     def num_rows(self, part: str) -> int:
         """Number of rows in the part ("train" or "test")."""
         return int(self._meta[f"num_{_checked(part)}"])
@@ -213,8 +227,11 @@ def build_store(dataset: ImageDataset, folder: str | Path) -> RowStore:
     """Write `dataset` as a store in `folder` (atomically) and open it; a store already there is kept."""
     parts = {"train": (dataset.x_train, dataset.y_train), "test": (dataset.x_test, dataset.y_test)}
     eight_bit = all(_is_8bit(x) for x, _ in parts.values())
-    return _build(Path(folder), _header(dataset.name, dataset.class_names, dataset.superclass_of,
-                                        dataset.superclass_names, dataset.input_shape), parts, eight_bit)
+    header = _header(dataset.name, dataset.class_names, dataset.superclass_of, dataset.superclass_names,
+                     dataset.input_shape)
+    if dataset.backdoor is not None:  # which rows carry the trigger travels with the data
+        header.update(backdoor=dataset.backdoor, poisoned=[int(r) for r in np.flatnonzero(dataset.poisoned)])
+    return _build(Path(folder), header, parts, eight_bit)
 
 
 def _header(name: str, class_names: list[str], superclass_of: np.ndarray, superclass_names: list[str],
@@ -316,6 +333,8 @@ def _key_fields(spec: DatasetSpec, seed: int) -> dict:
     """The spec fields each loader reads, the seed where the train/test split or the pixels depend on it,
     and for local files their paths, sizes and mtimes (an edited or replaced file gives a new key)."""
     fields: dict = {"name": spec.name, "resize": spec.resize}
+    if spec.backdoor is not None:  # the poisoned rows are drawn from the seed
+        fields.update(backdoor=spec.backdoor.model_dump(mode="json"), backdoor_seed=seed)
     if spec.name == "digits":  # stratified split of sklearn's bundled (fixed) data
         fields.update(test_fraction=spec.test_fraction, seed=seed)
     elif spec.name == "synthetic":  # both parts are generated from the seed
@@ -391,7 +410,7 @@ def open_store(spec: DatasetSpec, seed: int, cache_dir: str | Path = ".cache/unl
             except FileNotFoundError:  # another process moved it first
                 pass
             shutil.rmtree(trash, ignore_errors=True)
-    if spec.name == "synthetic" and not spec.resize:
+    if spec.name == "synthetic" and not spec.resize and spec.backdoor is None:
         return _build_synthetic(spec, seed, folder)
     from unlearn.data import load_dataset
 

@@ -41,7 +41,8 @@ class ShardedClassificationEvaluator:
         self.splits, self.caches, self.comm, self.device = splits, caches, comm, device
         self.keep_rows = keep_rows  # False (data: streaming): read each batch's rows and let them go
         self.mia, self.seed = mia, seed
-        self.positions = {name: eval_share(len(splits[name]), comm.world_size, comm.rank) for name in EVAL_SPLITS}
+        self.names = [name for name in (*EVAL_SPLITS, "triggered") if splits.get(name) is not None]
+        self.positions = {name: eval_share(len(splits[name]), comm.world_size, comm.rank) for name in self.names}
 
     @torch.no_grad()
     def _scores(self, model: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +77,7 @@ class ShardedClassificationEvaluator:
         model.eval()
         try:
             correct, total, confidence, test_probs = {}, {}, {}, None
-            for name in EVAL_SPLITS:
+            for name in self.names:
                 probs, labels = self._scores(model, name)
                 hits = torch.tensor([float((probs.argmax(1) == labels).sum()) if len(labels) else 0.0,
                                      float(len(labels)), float((~torch.isfinite(probs)).sum())],
@@ -95,6 +96,9 @@ class ShardedClassificationEvaluator:
             return None, None
         metrics = {key: (100.0 * correct[name] / total[name] if total[name] else float("nan"))
                    for key, name in (("FA", "target"), ("RA", "retain"), ("TA", "test"))}
+        if "triggered" in total:  # a backdoor: triggered test images taken for the target; TA is on clean images
+            metrics["ASR"] = 100.0 * correct["triggered"] / total["triggered"] if total["triggered"] else float("nan")
+            metrics["clean_TA"] = metrics["TA"]
         if self.mia:
             metrics["MIA"] = mia_from_confidences(confidence["retain"], confidence["test"], confidence["target"],
                                                   seed=self.seed)

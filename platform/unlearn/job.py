@@ -24,6 +24,7 @@ from unlearn.data import load_dataset
 from unlearn.data.scenarios import SPLIT_NAMES, Splits, SplitsRecipe, make_splits
 from unlearn.errors import BadInput, SpecError
 from unlearn.evaluation import build_evaluator
+from unlearn.evaluation.identification import identification
 from unlearn.execution import Executor, LocalExecutor, RunOutput, RunRequest, new_model
 from unlearn.methods import Method, validate_methods
 from unlearn.progress import Progress
@@ -34,7 +35,8 @@ from unlearn.tracking import flatten, make_tracker
 from unlearn.training import cached_original, original_request, recipe_params, save_original
 from unlearn.worker import GroupJob
 
-TABLE_COLUMNS = ("FA", "RA", "TA", "ASR", "MIA", "gap", "KL", "FD", "seconds", "speedup")
+TABLE_COLUMNS = ("FA", "RA", "TA", "ASR", "MIA", "gap", "KL", "FD", "id_precision", "id_recall", "seconds",
+                 "speedup")
 
 
 @dataclass
@@ -208,6 +210,10 @@ class Recorder:
             state = out.state if out.state is not None else self.job.base_state  # "evaluate": the cached original
             model = new_model(replace(request, initial_state=state))
             metrics, outputs = out.metrics, out.outputs
+            if metrics is not None:  # a method's own identification, scored against what it was not told
+                splits = self.prep.splits
+                metrics = {**metrics, **identification(out.captured.get("diagnostics"), splits.target.index,
+                                                       splits.forget.index)}
         if request.role in ("original", "evaluate"):
             if out.error is not None:
                 raise RuntimeError(f"the original model could not be trained: {out.error['message']}")

@@ -100,6 +100,11 @@ class Method(abc.ABC):
         """Method state that a resumed run needs beyond the weights (scores, masks made mid-run)."""
         return {}
 
+    def diagnostics(self) -> dict:
+        """What the method decided that the job can score against what the method was never told (plain data;
+        e.g. TARF's `identified_rows`, scored as identification precision and recall). Empty by default."""
+        return {}
+
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output after `setup` when resuming from a checkpoint."""
 

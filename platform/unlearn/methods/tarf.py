@@ -159,6 +159,12 @@ class TARF(Method):
             self.apply(ctx, loss)
         return logged
 
+    def diagnostics(self) -> dict:
+        """The training rows phase I identified as the hidden rest of the target (τ = 0)."""
+        if self.tau is None:
+            return {}
+        return {"identified_rows": torch.nonzero(self.tau == 0).flatten().cpu().numpy()}
+
     def state_dict(self) -> dict:
         if self.tau is None:
             return {}

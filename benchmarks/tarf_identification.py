@@ -78,6 +78,8 @@ def study(path: str) -> list[str]:
     splits = prepare(spec).splits
     run_job(spec, ROOT / "results" / "benchmarks" / f"tarf-identification-{spec.name}", progress="quiet")
     hidden = np.isin(RECORD["index"], np.setdiff1d(splits.target.index, splits.forget.index))
+    np.savez(ROOT / "results" / "benchmarks" / f"tarf-identification-{spec.name}" / "scores.npz", hidden=hidden,
+             forget_labels=np.unique(splits.forget.y), **RECORD)  # for other cuts, offline
     lines = [f"## {spec.name}", "", f"Retain stream {len(hidden)} rows, of which hidden target {hidden.sum()} "
              f"({100 * hidden.mean():.1f}%); TARF at its declared defaults, seed {spec.seed}.", "",
              "| score | AUC | " + " | ".join(f"{c}: P / R (share)" for c in cuts(np.arange(10.0))) + " |",

@@ -120,6 +120,7 @@ class Tracker:
         self.experiment_id = self._experiment()
         self.log_models = spec.log_models
         self._noted_no_adapter = False
+        self._open: set[str] = set()  # runs started or reopened here and not yet ended
 
     def _experiment(self) -> str:
         found = self.client.get_experiment_by_name(self.experiment_name)
@@ -136,6 +137,7 @@ class Tracker:
         if parent:
             all_tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        self._open.add(run.info.run_id)
         return run.info.run_id
 
     def params(self, run_id: str, params: dict[str, Any]) -> None:
@@ -232,26 +234,38 @@ class Tracker:
 
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+        self._open.discard(run_id)
 
     def reopen(self, run_id: str) -> str:
         """An existing run back to RUNNING (a resumed job continues its own runs rather than adding new ones)."""
         self.client.update_run(run_id, status="RUNNING")
+        self._open.add(run_id)
         return run_id
 
     @contextlib.contextmanager
     def run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None,
             run_id: str | None = None) -> Iterator[str]:
-        """A run (or `run_id` reopened) that ends FINISHED, KILLED if interrupted (Ctrl-C, SIGTERM), else FAILED."""
+        """A run (or `run_id` reopened) that ends FINISHED, KILLED if interrupted (Ctrl-C, SIGTERM), else FAILED.
+
+        Interrupted or failed, it first ends the same way every run opened inside it and not yet ended (a method's
+        run the driver was still logging when `ray job stop` came), so none is left RUNNING."""
+        before = set(self._open)
         run_id = self.reopen(run_id) if run_id else self.start(name, parent, tags)
         try:
             yield run_id
         except KeyboardInterrupt:
-            self.end(run_id, "KILLED")
+            self._end_inside(run_id, before, "KILLED")
             raise
         except BaseException:
-            self.end(run_id, "FAILED")
+            self._end_inside(run_id, before, "FAILED")
             raise
         self.end(run_id, "FINISHED")
+
+    def _end_inside(self, run_id: str, before: set[str], status: str) -> None:
+        for inner in sorted(self._open - before - {run_id}):
+            with contextlib.suppress(Exception):  # the job's own run is ended whatever happens to these
+                self.end(inner, status)
+        self.end(run_id, status)
 
 
 class NullTracker:

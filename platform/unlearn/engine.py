@@ -378,10 +378,25 @@ class GroupReporter:
         self._report({"run": request.label, "runs_done": len(self.done_labels), **self.last_metrics},
                      {"done": self.done_labels, "running": None, "step": 0}, None)
 
+    def _staging(self) -> str | None:
+        """Where a checkpoint is put together before `ray.train.report` copies it to storage: a folder in the job's
+        own storage when that is a local path, so the one a worker killed inside `report` leaves (a Tune trial
+        stopped by ASHA or ended, a stopped job) stays in the job's folder, not in the node's temp dir; else None."""
+        storage = self.job.storage or ""
+        if "://" in storage or not os.path.isabs(storage):
+            return None
+        folder = os.path.join(storage, "staging")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError:
+            return None
+        return folder
+
     def _report(self, metrics: dict[str, Any], progress: dict[str, Any], running: Any) -> None:
         import ray.train
         from ray.train import Checkpoint
 
-        with tempfile.TemporaryDirectory(prefix="unlearn-ckpt-", ignore_cleanup_errors=True) as folder:
+        with tempfile.TemporaryDirectory(prefix="unlearn-ckpt-", dir=self._staging(),
+                                         ignore_cleanup_errors=True) as folder:
             wrote = write_checkpoint(folder, self.rank, self.strategy, progress, running)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder) if wrote else None)

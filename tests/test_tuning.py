@@ -295,3 +295,26 @@ def test_a_diverged_trial_reports_the_penalty_and_the_runs_own_message(tmp_path)
     assert reports == [{"gap": 100.0, "proxy": 100.0, "final": True, "diverged": True, "progress": 1.0,
                         "why": "ga: forget_loss became nan at step 5/21 (try a lower lr)"}]
     assert (tmp_path / "trials" / "t1.log").read_text().startswith("diverged ")
+
+
+def test_a_search_with_no_cluster_to_join_starts_its_own_ray_for_train_trials(monkeypatch):
+    """`unlearn tune` outside any Ray session, with Train trials (the default), starts a local Ray sized for one
+    trial's workers, with the engine's lean Train settings (it called a helper that had moved: AttributeError)."""
+    from types import SimpleNamespace
+
+    import ray
+
+    from unlearn.ray_session import LEAN_TRAIN_ENV
+    from unlearn.spec import RaySpec
+    from unlearn.tuning import driver
+
+    calls: list[dict] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in LEAN_TRAIN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    plan = SimpleNamespace(spec=SimpleNamespace(ray=RaySpec(num_workers=1)), in_process=False)
+    assert driver._ensure_ray(plan) is True
+    assert calls and calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 2
+    assert all(os.environ.get(key) == value for key, value in LEAN_TRAIN_ENV.items())

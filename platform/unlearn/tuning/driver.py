@@ -86,7 +86,9 @@ def _ensure_ray(plan: Plan) -> bool:
         return engine.connect(plan.spec.ray)
     num_cpus = None  # in-process trials: Ray counts this machine's CPUs
     if not plan.in_process:  # as the engine does: room for one trial's workers even on a small machine
-        engine._lean_train_env()
+        from unlearn.ray_session import lean_train_env
+
+        lean_train_env()
         rs = plan.spec.ray
         num_cpus = max(os.cpu_count() or 1, math.ceil(rs.num_workers * rs.cpus_per_worker + DRIVER_CPU))
     # address "local": a fresh instance, never a stray cluster another process left registered on this machine

@@ -318,3 +318,29 @@ def test_a_search_with_no_cluster_to_join_starts_its_own_ray_for_train_trials(mo
     assert driver._ensure_ray(plan) is True
     assert calls and calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 2
     assert all(os.environ.get(key) == value for key, value in LEAN_TRAIN_ENV.items())
+
+
+def test_a_search_keeps_the_clis_sigterm_handler_when_it_starts_ray(monkeypatch):
+    """ray.init replaces a driver's SIGTERM handler with sys.exit; the search puts the CLI's back, so `ray job stop`
+    ends it like Ctrl-C (resumable) rather than as a failure."""
+    import signal
+    from types import SimpleNamespace
+
+    import ray
+
+    from unlearn.cli import _terminated
+    from unlearn.spec import RaySpec
+    from unlearn.tuning import driver
+
+    def init(**kwargs):  # what ray.init does to the handler
+        signal.signal(signal.SIGTERM, lambda *args: None)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        driver._ensure_ray(SimpleNamespace(spec=SimpleNamespace(ray=RaySpec(num_workers=1)), in_process=True))
+        assert signal.getsignal(signal.SIGTERM) is _terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)

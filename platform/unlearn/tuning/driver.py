@@ -91,8 +91,17 @@ def _ensure_ray(plan: Plan) -> bool:
         lean_train_env()
         rs = plan.spec.ray
         num_cpus = max(os.cpu_count() or 1, math.ceil(rs.num_workers * rs.cpus_per_worker + DRIVER_CPU))
-    # address "local": a fresh instance, never a stray cluster another process left registered on this machine
+    # address "local": a fresh instance, never a stray cluster another process left registered on this machine.
+    # ray.init replaces the driver's SIGTERM handler with sys.exit; the CLI's (a stop ends the search like
+    # Ctrl-C, resumable with --resume) is put back.
+    import signal
+    import threading
+
+    on_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if on_main else None
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
     return True
 
 

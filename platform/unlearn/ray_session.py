@@ -107,15 +107,16 @@ def connect(spec: RaySpec) -> bool:
         _refuse_short(spec, {"CPU": float(embedded_cpus(spec))}, _EMBEDDED)  # CPUs are known: no need to start Ray
         # No prestarted idle workers: the job's actors all start their own processes (Train's carry its
         # env vars), so Ray's warm pool would sit idle, a CPU-second of start-up apiece on a small machine.
-        ray.init(address="local", num_cpus=embedded_cpus(spec), include_dashboard=False,
-                 _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False}, **common)
+        _init_keeping_sigterm(address="local", num_cpus=embedded_cpus(spec), include_dashboard=False,
+                              _system_config={"prestart_worker_first_driver": False, "enable_worker_prestart": False},
+                              **common)
         _EMBEDDED_SESSIONS.add(ray.get_runtime_context().gcs_address)
     else:
         target = _host_port(address)
         if target is not None:
             _probe(address, target)
         try:
-            ray.init(address=address, **common)
+            _init_keeping_sigterm(address=address, **common)
         except Exception as err:  # ConnectionError, RuntimeError: one line for the user
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise BadInput(f"cannot reach Ray cluster at {address}: {first}") from None
@@ -125,6 +126,21 @@ def connect(spec: RaySpec) -> bool:
         ray.shutdown()
         raise
     return True
+
+
+def _init_keeping_sigterm(**kwargs) -> None:
+    """`ray.init`, then the driver's SIGTERM handler put back: Ray installs `sys.exit` in its place, which would end
+    a job stopped by `ray job stop` as a failure instead of like Ctrl-C (the CLI's handler: runs KILLED, resumable)."""
+    import signal
+    import threading
+
+    import ray
+
+    on_main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if on_main else None
+    ray.init(**kwargs)
+    if handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def embedded_cpus(spec: RaySpec) -> int:

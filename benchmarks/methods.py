@@ -51,7 +51,7 @@ def with_clean_model(name: str, res: dict, results: dict) -> dict:
     every = results.get(name.removesuffix("-10"), {}).get("methods", {})
     if not name.startswith("backdoor-") or not name.endswith("-10") or "retrain" not in every:
         return res["methods"]
-    clean = {k: v for k, v in every["retrain"].items() if k not in ("gap", "KL", "speedup")}
+    clean = {k: v for k, v in every["retrain"].items() if k.removesuffix("_std") not in ("gap", "KL", "speedup")}
     return {**res["methods"], "clean model (forget-all retrain)": clean}
 
 

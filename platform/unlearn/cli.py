@@ -55,24 +55,9 @@ def _session(spec, *modules: str):
     from unlearn.ray_session import session_while_importing
 
     # MLflow's SQL store (its SQLAlchemy models: ~2 s) and the plots' matplotlib come later in the job
-    optional = ("mlflow.store.tracking.sqlalchemy_store", "unlearn.plots")
-    return _keeping_sigterm(session_while_importing(spec.ray, modules, optional=optional))
-
-
-@contextlib.contextmanager
-def _keeping_sigterm(session):
-    """`session`, with the SIGTERM handler it found put back once it is up: `ray.init` replaces a driver's handler
-    with its own `sys.exit`, which ended a job stopped by `ray job stop` as a failure (its MLflow runs FAILED, no
-    resume hint) instead of like Ctrl-C (`_terminated`: runs KILLED)."""
-    import signal
-    import threading
-
-    on_main = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGTERM) if on_main else None
-    with session as started:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
-        yield started
+    # (ray_session.connect keeps the CLI's SIGTERM handler, which ray.init would replace with sys.exit)
+    return session_while_importing(spec.ray, modules,
+                                   optional=("mlflow.store.tracking.sqlalchemy_store", "unlearn.plots"))
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

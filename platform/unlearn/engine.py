@@ -158,12 +158,12 @@ class RayExecutor:
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)))
         try:
             trainer.fit()
-        except Exception as err:  # TrainingFailedError after max_failures restarts, or a controller error
+        except Exception as err:  # TrainingFailedError after max_failures restarts, a controller error, a shutdown
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             errors[group] = f"worker group {group} failed: {first}"
-        finally:
-            if "://" not in job.storage:
-                shutil.rmtree(os.path.join(job.storage, "train", f"group-{group}-{token}"), ignore_errors=True)
+            return  # its checkpoints stay: a driver stopped mid-run (SIGTERM, Ctrl-C) resumes from them
+        if "://" not in job.storage:  # every run of the group is done: its checkpoints have no further use
+            shutil.rmtree(os.path.join(job.storage, "train", f"group-{group}-{token}"), ignore_errors=True)
 
     def _groups_share_cpus(self, groups: int) -> bool:
         """Whether the groups had to share CPUs (their `seconds` then include waiting for a core)."""

@@ -258,16 +258,24 @@ def test_a_joined_cluster_is_waited_for_then_refused(ray_session, monkeypatch, c
     from unlearn.errors import BadInput
     from unlearn.spec import RaySpec
 
+    # the shared test session stands in for a joined cluster (an embedded one can never grow: refused at once)
     monkeypatch.setattr(session, "in_embedded_session", lambda: False)
     session.check_fits(RaySpec(num_workers=1, resource_wait_s=0))  # what fits never waits
+    total = ray.cluster_resources()["CPU"]
     for spec, busy, expected in [(RaySpec(num_workers=64, resource_wait_s=0.5), False, "in all after 0.5 s"),
                                  (RaySpec(num_workers=1, resource_wait_s=0.5), True, "were free within 0.5 s")]:
-        if busy:
-            monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 0.0})
-        started = time.monotonic()
-        with pytest.raises(BadInput, match=expected):
-            session.check_fits(spec, poll_s=0.1)
-        assert 0.5 <= time.monotonic() - started < 5
+        held = None
+        if busy:  # every CPU of the session really taken, by a placement group
+            held = ray.util.placement_group([{"CPU": total}])
+            ray.get(held.ready(), timeout=30)
+        try:
+            started = time.monotonic()
+            with pytest.raises(BadInput, match=expected):
+                session.check_fits(spec, poll_s=0.1)
+            assert 0.5 <= time.monotonic() - started < 5
+        finally:
+            if held is not None:
+                ray.util.remove_placement_group(held)
         waited = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(waited) == 1 and waited[0].startswith("waiting up to 0.5 s for"), waited
 

@@ -297,50 +297,37 @@ def test_a_diverged_trial_reports_the_penalty_and_the_runs_own_message(tmp_path)
     assert (tmp_path / "trials" / "t1.log").read_text().startswith("diverged ")
 
 
-def test_a_search_with_no_cluster_to_join_starts_its_own_ray_for_train_trials(monkeypatch):
-    """`unlearn tune` outside any Ray session, with Train trials (the default), starts a local Ray sized for one
-    trial's workers, with the engine's lean Train settings (it called a helper that had moved: AttributeError)."""
-    from types import SimpleNamespace
-
-    import ray
-
-    from unlearn.ray_session import LEAN_TRAIN_ENV
-    from unlearn.spec import RaySpec
-    from unlearn.tuning import driver
-
-    calls: list[dict] = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    for key in LEAN_TRAIN_ENV:
-        monkeypatch.delenv(key, raising=False)
-    plan = SimpleNamespace(spec=SimpleNamespace(ray=RaySpec(num_workers=1)), in_process=False)
-    assert driver._ensure_ray(plan) is True
-    assert calls and calls[0]["address"] == "local" and calls[0]["num_cpus"] >= 2
-    assert all(os.environ.get(key) == value for key, value in LEAN_TRAIN_ENV.items())
+SEARCH_STARTS_RAY = """
+import json, os, signal
+from types import SimpleNamespace
+import ray
+from unlearn.cli import _terminated
+from unlearn.ray_session import LEAN_TRAIN_ENV
+from unlearn.spec import RaySpec
+from unlearn.tuning import driver
+signal.signal(signal.SIGTERM, _terminated)  # as `unlearn tune` runs
+for key in [*LEAN_TRAIN_ENV, "RAY_ADDRESS"]:
+    os.environ.pop(key, None)
+plan = SimpleNamespace(spec=SimpleNamespace(ray=RaySpec(num_workers=1)), in_process=False)
+started = driver._ensure_ray(plan)
+print(json.dumps({"started": started, "cpus": ray.cluster_resources().get("CPU"),
+                  "lean": all(os.environ.get(k) == v for k, v in LEAN_TRAIN_ENV.items()),
+                  "handler": signal.getsignal(signal.SIGTERM) is _terminated}))
+ray.shutdown()
+"""
 
 
-def test_a_search_keeps_the_clis_sigterm_handler_when_it_starts_ray(monkeypatch):
-    """ray.init replaces a driver's SIGTERM handler with sys.exit; the search puts the CLI's back, so `ray job stop`
-    ends it like Ctrl-C (resumable) rather than as a failure."""
-    import signal
-    from types import SimpleNamespace
+def test_a_search_with_no_cluster_to_join_starts_its_own_ray_and_keeps_the_clis_sigterm_handler(tmp_path):
+    """`unlearn tune` outside any Ray session, with Train trials (the default), starts a real local Ray sized for one
+    trial's workers with the engine's lean Train settings (it once called a helper that had moved: AttributeError);
+    ray.init replaces the driver's SIGTERM handler with sys.exit, and the search puts the CLI's back, so `ray job
+    stop` ends it like Ctrl-C (resumable) rather than as a failure. In a process of its own: no session yet."""
+    import subprocess
+    import sys
 
-    import ray
-
-    from unlearn.cli import _terminated
-    from unlearn.spec import RaySpec
-    from unlearn.tuning import driver
-
-    def init(**kwargs):  # what ray.init does to the handler
-        signal.signal(signal.SIGTERM, lambda *args: None)
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        driver._ensure_ray(SimpleNamespace(spec=SimpleNamespace(ray=RaySpec(num_workers=1)), in_process=True))
-        assert signal.getsignal(signal.SIGTERM) is _terminated
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    proc = subprocess.run([sys.executable, "-c", SEARCH_STARTS_RAY], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found == {"started": True, "cpus": found["cpus"], "lean": True, "handler": True}
+    assert found["cpus"] >= 2  # one trial's worker and the driver's share

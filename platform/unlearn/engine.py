@@ -42,7 +42,7 @@ import torch
 from unlearn.checkpoints import AttemptLog, GroupCheckpoint, full_state, write_checkpoint
 from unlearn.execution import RunOutput, RunRequest, output_from_record
 from unlearn.faults import armed_env, maybe_fail
-from unlearn.resume import STORAGE_ENV, storage_for  # noqa: F401  (storage_for: the job's engine folder)
+from unlearn.resume import STORAGE_ENV
 from unlearn.ray_session import connect, in_embedded_session, local_trainer_class, quiet_ray_data, quiet_worker_logs
 from unlearn.shards import share_fraction
 from unlearn.spec import RaySpec

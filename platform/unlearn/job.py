@@ -103,12 +103,13 @@ def open_dataset(spec: JobSpec) -> Any:
 
 
 def check_writable(folder: Path) -> None:
-    """Fail before any work if results cannot be written."""
+    """Fail before any work if results cannot be written (preflight's check), then create the folder."""
+    from unlearn.preflight import check_folder
+
+    check_folder(folder, "output folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as err:
+    except OSError as err:  # e.g. taken by a file since the check
         raise BadInput(f"output folder is not writable: {folder} ({err.strerror or err})") from None
 
 
@@ -309,7 +310,7 @@ def _versus_reference(metrics: dict, out: Any, ref_metrics: dict, ref_out: Any) 
     return versus_reference(metrics, out, ref_metrics, ref_out)
 
 
-def resume_queue(job: GroupJob, state: JobState) -> None:
+def resume_queue(job: GroupJob) -> None:
     """Hand the runs an interrupted attempt finished straight back (their results are on the job's storage)."""
     from unlearn.worker import read_result
 
@@ -348,7 +349,7 @@ def run_one_seed(spec: JobSpec, out_dir: Path | None = None, executor: Executor 
     job, info = build_queue(prep)
     job.storage = engine_folder(storage_for(out_dir, spec.ray), state, resume)
     if resume:
-        resume_queue(job, state)
+        resume_queue(job)
     splits = prep.splits
     say = progress.note if progress is not None else (lambda line: print(line, file=sys.stderr, flush=True))
     say(f"job {spec.name}: {spec.dataset.name} / {spec.model.name}, forget {splits.describe}, "

@@ -13,9 +13,8 @@ import tempfile
 from pathlib import Path
 
 from unlearn.errors import BadInput
+from unlearn.resume import STORAGE_ENV  # the variable the engine reads (resume.py imports neither Ray nor torch)
 from unlearn.spec import JobSpec
-
-STORAGE_ENV = "UNLEARN_RAY_STORAGE"  # engine.STORAGE_ENV (not imported from there: the engine imports Ray and torch)
 
 
 def preflight(spec: JobSpec, out_dir: Path | None, *, engine_storage: bool = True) -> None:

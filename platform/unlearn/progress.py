@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 TICK_EVERY_S = 0.5  # how often rank 0 sends a tick mid-run (the driver redraws no faster)
@@ -36,9 +36,6 @@ class Tick:
     resumed: bool = False  # the first tick of a run that resumed from a checkpoint after a restart
     group: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def _loss_text(losses: dict[str, float], limit: int = 3) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in list(losses.items())[:limit])
@@ -56,14 +53,12 @@ class Progress:
         self.mode = mode
         self._bars: dict[str, Any] = {}
         self._last: dict[str, tuple[float, int]] = {}  # sparse mode: (run seconds, tenth) of each run's last line
-        self._ticks: dict[str, Tick] = {}
         self._lock = threading.Lock()
 
     def tick(self, tick: Tick | dict[str, Any]) -> None:
         """A run's latest progress (from the executor)."""
         tick = tick if isinstance(tick, Tick) else Tick(**tick)
         with self._lock:
-            self._ticks[tick.label] = tick
             if tick.resumed:
                 self._say(f"[{tick.label}] worker group {tick.group} restarted: resumed from "
                           f"epoch {tick.epoch}/{tick.epochs} (step {tick.step}/{tick.total_steps})")
@@ -128,9 +123,6 @@ class Progress:
             self._last[tick.label] = (tick.seconds, tenth)
             self._say(f"[{tick.label}] {10 * tenth}%: epoch {tick.epoch}/{tick.epochs}, step {tick.step}/"
                       f"{tick.total_steps}, {tick.seconds:.0f}s {_loss_text(tick.losses)}".rstrip())
-
-    def last_tick(self, label: str) -> Tick | None:
-        return self._ticks.get(label)
 
 
 def _width(stream: IO[str]) -> int:

@@ -182,8 +182,9 @@ def _run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dic
     metrics, outputs = evaluator.evaluate(run.module) if evaluator is not None else (None, None)
     state = env.state_of(run.model, run.module)
     captured = {name: _to_cpu(getattr(run.method, name)) for name in job.capture if hasattr(run.method, name)}
-    if run.method.diagnostics():  # scored by the driver against what the method was not told
-        captured["diagnostics"] = _to_cpu(run.method.diagnostics())
+    diagnostics = run.method.diagnostics()
+    if diagnostics:  # scored by the driver against what the method was not told
+        captured["diagnostics"] = _to_cpu(diagnostics)
     return RunOutput(state=state, seconds=run.result.seconds, history=run.result.history,
                      resumed_from_step=int(resume["step"]) if resume else 0, metrics=metrics, outputs=outputs,
                      captured=captured, label=request.label)

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import logging
 
@@ -145,26 +145,28 @@ class Tracker:
         for start in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[start:start + 100])
 
-    def metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    def _log(self, run_id: str, points: Iterable[tuple[str, Any, int, int]]) -> None:
+        """(name, value, timestamp ms, step) points in batches of 1,000 (MLflow's limit); None and non-finite
+        values are left out (MLflow refuses NaN)."""
         import math
-        import time
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        items = [Metric(k, float(v), t, step) for k, v, t, step in points
                  if v is not None and math.isfinite(float(v))]
         for start in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[start:start + 1000])
 
-    def history(self, run_id: str, rows: list[dict[str, float]]) -> None:
-        """Per-step losses: rows of {'step': s, name: value, ...}."""
-        import math
+    def metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         import time
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(r["step"])) for r in rows for k, v in r.items()
-                 if k != "step" and math.isfinite(float(v))]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+        self._log(run_id, ((k, v, now, step) for k, v in metrics.items()))
+
+    def history(self, run_id: str, rows: list[dict[str, float]]) -> None:
+        """Per-step losses: rows of {'step': s, name: value, ...}."""
+        import time
+
+        now = int(time.time() * 1000)
+        self._log(run_id, ((k, v, now, int(r["step"])) for r in rows for k, v in r.items() if k != "step"))
 
     def artifact(self, run_id: str, path: str | Path, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), folder)
@@ -222,12 +224,8 @@ class Tracker:
 
     def system(self, run_id: str, samples: list[dict[str, Any]]) -> None:
         """A worker's system metrics samples as `system/<name>` at step = sample index (MLflow's System tab)."""
-        import math
-
-        items = [Metric(f"system/{k}", float(v), int(s["timestamp"]), i) for i, s in enumerate(samples)
-                 for k, v in s.items() if k != "timestamp" and v is not None and math.isfinite(float(v))]
-        for start in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[start:start + 1000])
+        self._log(run_id, ((f"system/{k}", v, int(s["timestamp"]), i) for i, s in enumerate(samples)
+                           for k, v in s.items() if k != "timestamp"))
 
     def tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)

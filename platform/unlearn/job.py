@@ -35,8 +35,8 @@ from unlearn.tracking import flatten, make_tracker
 from unlearn.training import cached_original, original_request, recipe_params, save_original
 from unlearn.worker import GroupJob
 
-TABLE_COLUMNS = ("FA", "RA", "TA", "ASR", "MIA", "gap", "KL", "FD", "id_precision", "id_recall", "seconds",
-                 "speedup")
+TABLE_COLUMNS = ("FA", "RA", "TA", "ASR", "MIA", "ULiRA_BA", "ULiRA_TPR", "gap", "KL", "FD", "id_precision",
+                 "id_recall", "seconds", "speedup")
 
 
 @dataclass
@@ -64,7 +64,19 @@ def prepare(spec: JobSpec) -> Prepared:
             method.check_data(splits.forget.y, splits.num_outputs)
         except SpecError as err:
             raise SpecError(f"methods.{i}.{err.field}", str(err).split(": ", 1)[-1]) from None
+    if spec.eval.shadow_models:
+        check_shadow_attack(spec, task, methods)
     return Prepared(spec, task, methods, dataset, splits, tuple(dataset.input_shape))
+
+
+def check_shadow_attack(spec: JobSpec, task: str, methods: list[Method]) -> None:
+    """U-LiRA (eval.shadow_models) scores a classifier's forget rows against retrained shadows and retrain."""
+    if task != "classification":
+        raise SpecError("eval.shadow_models", f"the per-example attack scores classifiers; {spec.model.name} is a "
+                                              f"{task} model (set it to 0)")
+    if not any(m.reference for m in methods):
+        raise SpecError("eval.shadow_models", "the per-example attack needs the job's retrain (its negatives): add "
+                                              "`- name: retrain` to methods")
 
 
 def concept_known(entry: MethodSpec, forget: ForgetSpec) -> bool:
@@ -199,6 +211,8 @@ class Recorder:
         self.model_uris: dict[str, str] = {}  # label -> models:/<id> of its LoggedModel (tracking.log_models)
         self.engine_rows: dict[str, dict[str, Any]] = {}
         self.task_evaluator = job.evaluator  # diffusion: compares and saves the grids the workers drew
+        # eval.shadow_models: each model's φ on the forget rows, what the per-example attack reads (shadows.py)
+        self.attacked_phi: dict[str, np.ndarray] | None = {} if prep.spec.eval.shadow_models else None
         if self.task_evaluator is not None:
             self.task_evaluator.out_dir = out_dir
 
@@ -211,6 +225,11 @@ class Recorder:
             state = out.state if out.state is not None else self.job.base_state  # "evaluate": the cached original
             model = new_model(replace(request, initial_state=state))
             metrics, outputs = out.metrics, out.outputs
+            if self.attacked_phi is not None:
+                from unlearn.shadows import forget_phi
+
+                label = "original" if request.role in ("original", "evaluate") else request.label
+                self.attacked_phi[label] = forget_phi(model, self.prep.splits.forget)
             if metrics is not None:  # a method's own identification, scored against what it was not told
                 splits = self.prep.splits
                 metrics = {**metrics, **identification(out.captured.get("diagnostics"), splits.target.index,
@@ -310,6 +329,50 @@ def _versus_reference(metrics: dict, out: Any, ref_metrics: dict, ref_out: Any) 
     return versus_reference(metrics, out, ref_metrics, ref_out)
 
 
+def shadow_attack(prep: Prepared, recorder: Recorder, reference: str | None, say: Any) -> None:
+    """U-LiRA on every finished run (eval.shadow_models): shadows on Ray tasks, numbers into the results and
+    the runs' MLflow metrics (see shadows.py and evaluation/ulira.py)."""
+    from unlearn import shadows
+    from unlearn.training import original_key
+
+    spec, splits = prep.spec, prep.splits
+    if reference is None or reference not in recorder.attacked_phi:
+        say("[u-lira] skipped: the job's retrain did not finish")
+        return
+    entries = [(e, m) for e, m in zip(spec.methods, prep.methods)
+               if not m.reference and e.run_name in recorder.attacked_phi]
+    ref_entry = next(e for e, m in zip(spec.methods, prep.methods) if e.run_name == reference)
+    ref_request = request_for(prep, ref_entry, None)
+    keys = {"original": original_key(spec, splits),
+            "retrain": shadows.cache_key({"original": original_key(spec, splits),
+                                          "forget": spec.forget.model_dump(mode="json"),
+                                          "validation": spec.eval.validation_fraction,
+                                          "params": ref_request.params.model_dump(mode="json")})}
+    plan = shadows.plan_shadows(spec.eval.shadow_models, spec.seed, splits.train, splits.forget, splits.retain,
+                                splits.remain, original_request(spec, splits, prep.input_shape, prep.task),
+                                ref_request, [request_for(prep, e, None, m) for e, m in entries], keys,
+                                spec.cache_dir, share=spec.eval.shadow_share,
+                                use_gpu=spec.ray.enabled and spec.ray.use_gpu)
+    say(f"[u-lira] {spec.eval.shadow_models} shadow models x ({len(entries)} methods + original + retrain) and an "
+        f"independent retrain, {len(splits.forget)} forget rows attacked")
+    use_ray = spec.ray.enabled and _ray_running()
+    results = shadows.run_works(plan, use_ray, say)
+    scores, curves = shadows.score(plan, results, recorder.attacked_phi, reference, [e.run_name for e, _ in entries])
+    for label, numbers in scores.items():
+        recorder.results[label].update(numbers)
+        if label in recorder.run_ids:
+            recorder.tracker.metrics(recorder.run_ids[label], numbers)
+    with tempfile.TemporaryDirectory() as tmp:
+        recorder.tracker.artifact(recorder.parent, plots.roc_curves(
+            curves, Path(tmp) / "ulira_roc.png", f"{spec.name}: U-LiRA, each model vs retrain per forget row"))
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 def resume_queue(job: GroupJob) -> None:
     """Hand the runs an interrupted attempt finished straight back (their results are on the job's storage)."""
     from unlearn.worker import read_result
@@ -373,6 +436,8 @@ def run_one_seed(spec: JobSpec, out_dir: Path | None = None, executor: Executor 
                 if progress is not None:
                     progress.close()
             reference = next((r.label for r in job.requests if r.role == "method" and r.method_class.reference), None)
+            if spec.eval.shadow_models:
+                shadow_attack(prep, recorder, reference, say)
             recorder.compare(reference)
             results = {"original": recorder.results.pop("original"), **recorder.results}
             tracker.metrics(parent, {f"{name}.{k}": v for name, m in results.items() for k, v in m.items()

@@ -1,4 +1,4 @@
-"""Figures a person would rather look at than read: metric bars vs retrain, loss curves."""
+"""Figures a person would rather look at than read: metric bars vs retrain, loss curves, attack ROCs."""
 
 from __future__ import annotations
 
@@ -49,6 +49,31 @@ def loss_curves(history: list[dict[str, float]], path: Path, title: str) -> Path
     ax.set_title(title)
     if keys:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def roc_curves(scores: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
+    """ROC of a membership-style attack per model (positives, negatives scored), log-log as LiRA plots them:
+    the diagonal is a model the attack cannot tell from its negatives; low-FPR TPR is what matters."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, (pos, neg) in scores.items():
+        thresholds = np.unique(np.concatenate([pos, neg]))[::-1]
+        tpr = np.array([0.0, *[np.mean(pos >= t) for t in thresholds]])
+        fpr = np.array([0.0, *[np.mean(neg >= t) for t in thresholds]])
+        ax.plot(np.maximum(fpr, 1e-3), np.maximum(tpr, 1e-3), label=name, linewidth=1.2,
+                linestyle="--" if name == "retrain" else "-")
+    ax.plot([1e-3, 1], [1e-3, 1], color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-3, 1)
+    ax.set_ylim(1e-3, 1)
+    ax.set_xlabel("false positive rate (retrain's rows called unlearned)")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -277,6 +277,22 @@ class EvalSpec(Strict):
     grid_per_class: int = Field(8, ge=1, le=64)
     # diffusion: a local torchvision inception_v3 state dict; when given, FID is reported beside FD (never downloaded)
     inception_weights: str | None = None
+    # Per-example privacy (U-LiRA, evaluation/ulira.py): this many shadow originals (>= 4), each then unlearned by
+    # every method of the job and retrained; classification only. 0: off (it costs K trainings plus K runs per
+    # method, in parallel on Ray). Hayes et al. use 16 or more.
+    shadow_models: int = Field(0, ge=0, le=1024)
+    # Share of the training rows each shadow original trains on (each row in exactly that share of the shadows).
+    # 1: the job's own training data, so shadows differ from the attacked models by seed alone (calibrated: the
+    # attacked models train on all of it); 0.5: the paper's random halves, whose models are less confident than
+    # a full-data model under attack, which biases the test (benchmarks/results/ulira.md measures both).
+    shadow_share: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _enough_shadows(self) -> "EvalSpec":
+        if self.shadow_models and (self.shadow_models < 4 or round(self.shadow_share * self.shadow_models) < 2):
+            raise ValueError("shadow_models must be 0 (off) or >= 4, with at least 2 shadows holding each row "
+                             "(shadow_share x shadow_models >= 2)")
+        return self
 
 
 class JobSpec(Strict):

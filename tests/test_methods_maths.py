@@ -677,3 +677,16 @@ def test_a_last_step_that_leaves_non_finite_weights_is_a_diverged_run():
     stream = type("S", (), {"size": 8, "batches": lambda self: iter(forget * 2)})()
     with pytest.raises(DivergedError, match="0.weight became non-finite"):
         loop.run(method, ctx, stream, stream, verbose=False)
+
+
+def test_random_relabelling_takes_any_seed():
+    """Shadow models (U-LiRA) run with seeds in the millions: the relabelling hash must not overflow int64, and
+    a salt equal modulo 2^32 gives the same labels (the hash works mod 2^32)."""
+    import torch
+
+    from unlearn.methods.rl import random_other_labels
+
+    y, index = torch.arange(50) % 10, torch.arange(50)
+    big = random_other_labels(y, 10, index, salt=1_000_003 * 3_000_011 + 7)
+    assert (big != y).all() and big.max() < 10
+    assert torch.equal(random_other_labels(y, 10, index, salt=5 + 2 ** 32), random_other_labels(y, 10, index, salt=5))

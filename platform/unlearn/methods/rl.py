@@ -26,6 +26,7 @@ def random_other_labels(y: torch.Tensor, num_classes: int, index: torch.Tensor, 
 def _hash(values: torch.Tensor, salt: int) -> torch.Tensor:
     """A non-negative pseudo-random int64 per value (a 32-bit integer mix: multiply, xor-shift)."""
     mask = 0xFFFFFFFF
+    salt = int(salt) & mask  # the same mix mod 2^32, and no int64 overflow for large seeds
     x = (values * 0x9E3779B1 + salt * 0x85EBCA77 + 0x27D4EB2F) & mask
     x = ((x ^ (x >> 16)) * 0x045D9F3B) & mask
     x = ((x ^ (x >> 16)) * 0x045D9F3B) & mask

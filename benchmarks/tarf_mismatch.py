@@ -252,6 +252,15 @@ def render_report(report: dict) -> str:
                 continue
             lines.append(f"| {names.get(row, row)} | " + " | ".join(_cell(m, c) for c in COLUMNS) + " |")
         lines.append("")
+        for row in ("ga", "tarf", "tarf-otsu"):
+            per_seed = res["methods"].get(row, {}).get("per_seed", {})
+            if per_seed:
+                lines.append(f"- {names.get(row, row)} per seed ({', '.join(per_seed)}): FA "
+                             + " / ".join(f"{m.get('FA', float('nan')):.1f}" for m in per_seed.values()) + ", RA "
+                             + " / ".join(f"{m.get('RA', float('nan')):.1f}" for m in per_seed.values())
+                             + ("" if row == "ga" else ", identified rows "
+                                + " / ".join(f"{m.get('identified', float('nan')):.0f}" for m in per_seed.values())))
+        lines.append("")
     lines += ["## Done-when check (issue 14, first line)", ""]
     results = checks(report)
     for text, ok, detail in results:

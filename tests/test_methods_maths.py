@@ -484,6 +484,7 @@ def test_diffusion_capable_methods_run_on_a_noise_prediction_loss(name):
     method = methods.build(name, {"batch_size": 8})
     ctx = make_ctx(method, model, frozen(model), forget, retain, total_steps=6)
     ctx.loss, ctx.task = noise_prediction_loss, "diffusion"
+    ctx.sample = lambda m, labels, noise, steps, guidance: (noise - m(noise, labels)).detach()  # one denoising step
     before = flatten({n: p.detach().clone() for n, p in model.named_parameters()})
     method.setup(ctx)
     for step in range(6):

@@ -21,3 +21,5 @@ class Batch(NamedTuple):
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # per-sample task loss, shape (batch,)
 # per-sample loss that teaches the model other `labels` for the batch's inputs (random-label methods)
 RelabelFn = Callable[[nn.Module, Batch, torch.Tensor], torch.Tensor]
+# a generative task's sampler: (model, labels, starting noise, steps, guidance scale) -> inputs in the data's range
+SampleFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int, float], torch.Tensor]

@@ -25,7 +25,7 @@ from unlearn.methods.base import Context, Method
 from unlearn.models import build_model, reinitialise
 from unlearn.params import MethodParams
 from unlearn.spec import ModelSpec
-from unlearn.tasks import loss_for, relabel_for
+from unlearn.tasks import loss_for, relabel_for, sampler_for
 
 
 @dataclass
@@ -132,7 +132,8 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
             scheduler.load_state_dict(resume["scheduler"])
     ctx = Context(
         model=model, module=module, original=original, optimizer=optimizer, params=method.params,
-        loss=loss_for(request.task), relabel=relabel_for(request.task), task=request.task,
+        loss=loss_for(request.task), relabel=relabel_for(request.task), sample=sampler_for(request.task),
+        task=request.task,
         num_classes=request.num_outputs,
         forget_size=forget.size, retain_size=retain.size,
         forget_batches=forget.one_pass, retain_batches=retain.one_pass,

@@ -162,6 +162,35 @@ class DDPMSpec(Strict):
     sample_steps: int = Field(50, ge=5, le=1000)  # DDIM steps at evaluation
     guidance_scale: float = Field(1.0, ge=0, le=20)  # classifier-free guidance (1: off)
     cond_dropout: float = Field(0.1, ge=0, lt=1)  # label dropout while training, enables guidance
+    # A local pretrained class-conditional UNet: a diffusers pipeline folder (model_index.json, unet/, scheduler/)
+    # or a bare UNet2DModel folder; its config replaces the size fields above (loaded with local_files_only)
+    path: str | None = None
+
+
+@model_family
+class DiTSpec(Strict):
+    """Class-conditional diffusion transformer (diffusers' DiTTransformer2DModel) and its noise schedule."""
+
+    name: Literal["dit"] = "dit"
+    layers: int = Field(4, ge=1, le=64)
+    hidden: int = Field(128, ge=8, le=8192)  # width: heads x head dimension
+    heads: int = Field(4, ge=1, le=128)
+    patch: int = Field(4, ge=1, le=16)  # patch side in pixels (or latent cells)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    learn_sigma: bool = False  # DiT-XL/2 style: the output holds a variance beside the noise (loss reads the noise)
+    train_timesteps: int = Field(1000, ge=10, le=4000)
+    sample_steps: int = Field(50, ge=5, le=1000)  # DDIM steps at evaluation
+    guidance_scale: float = Field(1.0, ge=0, le=20)  # classifier-free guidance (1: off)
+    cond_dropout: float = Field(0.1, ge=0, lt=1)  # label dropout while training (the task's; the model's is off)
+    # A local pretrained DiT: a diffusers pipeline folder (model_index.json, transformer/, scheduler/) or a bare
+    # DiTTransformer2DModel folder; its config replaces the size fields above (loaded with local_files_only)
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "DiTSpec":
+        if self.path is None and self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        return self
 
 
 # The `model` section: whichever family its `name` says (every family is registered above this line).

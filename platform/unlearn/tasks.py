@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unlearn.batch import Batch, LossFn, RelabelFn
+from unlearn.batch import Batch, LossFn, RelabelFn, SampleFn
 from unlearn.data.base import ImageDataset
 from unlearn.data.scenarios import Splits
 from unlearn.evaluation import Evaluator, build_evaluator
 from unlearn.models import MODELS
-from unlearn.models.ddpm import diffusion_loss, pseudo_label_loss
+from unlearn.models.ddpm import diffusion_loss, draw, pseudo_label_loss
 from unlearn.spec import JobSpec, Registry
 
 
@@ -37,6 +37,8 @@ class Task:
     # None: relabelling is the task loss under the new labels. Diffusion: SalUn's pseudo-label loss (the task
     # loss under other labels would train those labels to draw the forgotten images).
     relabel: RelabelFn | None
+    # generative tasks: how a model draws inputs (generative replay, e.g. SA); None for classifiers
+    sample: SampleFn | None = None
 
     def evaluator(self, splits: Splits, spec: JobSpec, dataset: ImageDataset) -> Evaluator:
         """The evaluator of this task's models on a job's splits."""
@@ -45,7 +47,7 @@ class Task:
 
 TASKS: Registry[Task] = Registry("task", "task")
 TASKS.register("classification", Task("classification", classification_loss, relabel=None))
-TASKS.register("diffusion", Task("diffusion", diffusion_loss, relabel=pseudo_label_loss))
+TASKS.register("diffusion", Task("diffusion", diffusion_loss, relabel=pseudo_label_loss, sample=draw))
 
 
 def get_task(name: str) -> Task:
@@ -63,9 +65,14 @@ def loss_for(task: str) -> LossFn:
     return get_task(task).loss
 
 
+def sampler_for(task: str) -> SampleFn | None:
+    """The task's sampler (generative tasks), else None."""
+    return get_task(task).sample
+
+
 def relabel_for(task: str) -> RelabelFn | None:
     """The task's relabelling loss, where plain relabelling through the task loss would be wrong."""
     return get_task(task).relabel
 
 
-__all__ = ["TASKS", "Task", "classification_loss", "get_task", "loss_for", "relabel_for", "task_of"]
+__all__ = ["TASKS", "Task", "classification_loss", "get_task", "loss_for", "relabel_for", "sampler_for", "task_of"]

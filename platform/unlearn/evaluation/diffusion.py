@@ -12,15 +12,16 @@ images:
 - **FID**: the same with Inception-v3 pool features, only when `eval.inception_weights` names a local
   torchvision state dict (nothing is downloaded).
 
-Every model is sampled from the same starting noise (a generator seeded by the job seed), with DDIM
+Every model is sampled from the same starting noise (each sample's seeded by the job seed, its class and its
+index within the class), with DDIM
 (`model.sample_steps`) and classifier-free guidance `model.guidance_scale`, so methods differ only by
 their weights. `evaluate` also draws a grid of `eval.grid_per_class` samples per class (one row a class,
 the forgotten rows marked); `artifacts` saves it for the method's MLflow run, and also writes it as
 `grid_<name>.png` next to results.json when the job sets `out_dir`.
 
-On a worker group every worker samples and judges one contiguous share of the samples (from its rows of
-the same starting noise) and the judge's readings are all-gathered, so the numbers do not depend on the
-worker count; the driver only receives the metrics and the grid.
+On a worker group every worker samples and judges one contiguous share of the samples (drawing only its
+share's starting noise) and the judge's readings and features are all-gathered, so the numbers do not depend
+on the worker count; the driver only receives the metrics and the grid.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from torch import nn
 from unlearn.comm import Comm, LocalComm
 from unlearn.data.scenarios import Splits
 from unlearn.errors import BadInput
-from unlearn.models.ddpm import build_ddpm, sample, unwrap
+from unlearn.models import build_model
+from unlearn.models.ddpm import sample, seeded_noise, unwrap
 from unlearn.shards import eval_share
 from unlearn.spec import CNNSpec, JobSpec, OptimizerSpec, TrainSpec
 
@@ -182,7 +184,7 @@ class DiffusionEvaluator:
 
     def __init__(self, splits: Splits, spec: JobSpec, dataset) -> None:
         self.splits, self.spec = splits, spec
-        build_ddpm(spec.model, splits.num_outputs, tuple(splits.train.x.shape[1:]))  # a bad model spec stops here
+        build_model(spec.model, splits.num_outputs, tuple(splits.train.x.shape[1:]))  # a bad model spec stops here
         self.out_dir: Path | None = None  # set by the job: grids are also written next to results.json
         self.inception = InceptionFeatures(spec.eval.inception_weights) if spec.eval.inception_weights else None
         self.num_classes = splits.num_outputs
@@ -199,18 +201,19 @@ class DiffusionEvaluator:
 
     def generate(self, model: nn.Module, per_class: int, seed: int,
                  comm: Comm | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """This worker's share of `per_class` images of every class (class-major order) from noise seeded by
-        `seed`, with the labels of the whole set (every worker draws the whole set's noise: it is cheap)."""
+        """This worker's share of `per_class` images of every class (class-major order), with the labels of the
+        whole set. Each image's starting noise is seeded by (seed, class, index within the class) alone, so the
+        set is the same whatever the worker count, and its first k images per class are the same for any
+        per_class >= k; a worker draws only its own share's noise."""
         labels = torch.arange(self.num_classes).repeat_interleave(per_class)
-        generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn((len(labels), *unwrap(model).image_shape), generator=generator)
         comm = comm or LocalComm()
         mine = torch.from_numpy(eval_share(len(labels), comm.world_size, comm.rank))
+        noise = seeded_noise(seed, labels[mine], mine % per_class, unwrap(model).image_shape)
         where = next(model.parameters()).device
         model.to(self.device)
         try:
             images = sample(model, labels[mine], self.spec.model.sample_steps, self.spec.model.guidance_scale,
-                            noise=noise[mine])
+                            noise=noise)
         finally:
             model.to(where)
         return images, labels.numpy()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unlearn.batch import Batch, LossFn, RelabelFn  # re-exported: methods import Batch from here
+from unlearn.batch import Batch, LossFn, RelabelFn, SampleFn  # re-exported: methods import Batch from here
 from unlearn.comm import Comm, LocalComm
 from unlearn.params import MethodParams
 
@@ -47,6 +47,7 @@ class Context:
     logged: dict[str, float] = field(default_factory=dict)
     resume_method_state: dict | None = None  # the method's own state from a checkpoint, if resuming
     relabel: RelabelFn | None = None  # the task's own relabelling loss; None: the task loss under the new labels
+    sample: SampleFn | None = None  # generative tasks: the task's sampler (model, labels, noise, steps, guidance)
 
     def relabel_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample loss that teaches `model` the given labels for the batch's inputs."""

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from unlearn.models import classifiers, ddpm
+from unlearn.models import classifiers, ddpm, dit
 from unlearn.spec import ModelSpec, Registry
 
 
@@ -31,6 +31,7 @@ MODELS.register("mlp", ModelFamily(classifiers.build_mlp, task="classification")
 MODELS.register("cnn", ModelFamily(classifiers.build_cnn, task="classification"))
 MODELS.register("resnet18", ModelFamily(classifiers.build_resnet18, task="classification"))
 MODELS.register("ddpm", ModelFamily(ddpm.build_ddpm, task="diffusion"))
+MODELS.register("dit", ModelFamily(dit.build_dit, task="diffusion"))
 
 
 def build_model(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from unlearn.batch import Batch
-from unlearn.errors import SpecError
+from unlearn.errors import BadInput, SpecError
 from unlearn.spec import DDPMSpec
 
 
@@ -53,6 +53,8 @@ def build_ddpm(spec: DDPMSpec, num_classes: int, input_shape: tuple[int, ...]) -
     """A freshly initialised class-conditional UNet for C x H x W images (H = W) and its DDPM scheduler."""
     from diffusers import DDPMScheduler, UNet2DModel
 
+    if spec.path is not None:
+        return load_ddpm(spec, num_classes, input_shape)
     channels, size = input_shape[0], input_shape[-1]
     widths = tuple(spec.channels)
     if input_shape[-2] != size:
@@ -70,6 +72,30 @@ def build_ddpm(spec: DDPMSpec, num_classes: int, input_shape: tuple[int, ...]) -
         num_class_embeds=num_classes + 1)
     scheduler = DDPMScheduler(num_train_timesteps=spec.train_timesteps)
     return ConditionalDDPM(unet, scheduler, num_classes, spec.cond_dropout)
+
+
+def load_ddpm(spec: DDPMSpec, num_classes: int, input_shape: tuple[int, ...]) -> ConditionalDDPM:
+    """The pretrained class-conditional UNet in `spec.path` (a pipeline or a UNet2DModel folder)."""
+    from diffusers import UNet2DModel
+
+    from unlearn.models.pretrained import load_model, load_scheduler, locate, refuse_latent
+
+    located = locate(spec.path, "unet", "UNet2DModel")
+    refuse_latent(located, spec.path)
+    unet = load_model(UNet2DModel, located.model)
+    n = unet.config.num_class_embeds
+    if n is None:
+        raise BadInput(f"model.path: the UNet in {spec.path} is unconditional (no class embedding): it cannot be "
+                       "asked to forget a class")
+    if n != num_classes + 1:
+        raise BadInput(f"model.path: the UNet in {spec.path} has {n} class embeddings; this dataset needs "
+                       f"{num_classes} classes + 1 unconditional (the last id)")
+    size = unet.config.sample_size
+    if (unet.config.in_channels, size, size) != tuple(input_shape):
+        raise BadInput(f"model.path: the UNet in {spec.path} takes {unet.config.in_channels}x{size}x{size} images; "
+                       f"the dataset's are {'x'.join(map(str, input_shape))}")
+    return ConditionalDDPM(unet, load_scheduler(located.scheduler, spec.train_timesteps), num_classes,
+                           spec.cond_dropout)
 
 
 def unwrap(model: nn.Module) -> ConditionalDDPM:
@@ -149,4 +175,23 @@ def sample(model: nn.Module, labels: torch.Tensor, steps: int = 50, guidance_sca
     return torch.cat(out) if out else noise
 
 
-__all__ = ["ConditionalDDPM", "build_ddpm", "diffusion_loss", "pseudo_label_loss", "sample", "unwrap"]
+def seeded_noise(seed: int, labels: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The starting noise of each sample (its label, its index within the label), each from a generator of
+    its own seeded by (seed, label, index): what a sample starts from never depends on who draws it, with
+    whom, or how many others are drawn."""
+    out = torch.empty((len(labels), *shape))
+    generator = torch.Generator()
+    for row, (label, i) in enumerate(zip(torch.as_tensor(labels).tolist(), torch.as_tensor(index).tolist())):
+        generator.manual_seed(((seed * 1_000_003 + label) * 1_000_003 + i) % (2 ** 63))
+        out[row] = torch.randn(shape, generator=generator)
+    return out
+
+
+def draw(model: nn.Module, labels: torch.Tensor, noise: torch.Tensor, steps: int, guidance_scale: float) -> torch.Tensor:
+    """The diffusion task's sampler (`ctx.sample`): images in [0, 1] on the model's device, from the given noise."""
+    device = next(unwrap(model).parameters()).device
+    return sample(model, labels, steps, guidance_scale, noise=noise).to(device)
+
+
+__all__ = ["ConditionalDDPM", "build_ddpm", "diffusion_loss", "draw", "pseudo_label_loss", "sample", "seeded_noise",
+           "unwrap"]

@@ -53,7 +53,7 @@ CACHE = ROOT / ".cache" / "unlearn"
 # The option's grid (identify: otsu, the per-sample |Δloss| score, re-identified every quarter epoch of phase II):
 # per sample or per retain label, and the phase-II length (t0; an oracle run on the tuning case, τ = 0 on exactly
 # the hidden rows, still left FA 42 under target mismatch at t0 = 2 and FA 1 at t0 = 4). Cut to 4 points to fit
-# the session; exploratory runs on the same tuning cases (once at t1 vs every 0.25 epoch) are in tarf-mismatch.md.
+# the session; exploratory runs on the same tuning cases (once at t1, log ratio) are in tarf-mismatch-selection.md.
 GRID = {"identify_by": ["sample", "label"], "identify_every": [0.25], "t0_epochs": [2.0, 4.0]}
 FA_BAR = 10.0
 
@@ -158,6 +158,8 @@ def render_selection(report: dict) -> str:
     rows = dict(report["scores"])
     if report.get("paper_rule"):
         rows = {"paper rule (declared defaults; reference, not a candidate)": report["paper_rule"], **rows}
+    if report.get("exploratory"):  # measured before the grid with the same scoring; shown, never candidates
+        rows.update({f"{k} (exploratory, not a candidate)": v for k, v in report["exploratory"].items()})
     for key, by in rows.items():
         cells = []
         for scenario in SCENARIOS:

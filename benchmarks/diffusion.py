@@ -1,6 +1,8 @@
-"""Diffusion unlearning benchmark: forget one digit of a class-conditional DDPM (jobs/ddpm-digits.yaml).
+"""Diffusion unlearning benchmark: forget one digit of a class-conditional DDPM or DiT (jobs/ddpm-digits.yaml,
+jobs/dit-digits.yaml).
 
-    .venv/bin/python benchmarks/diffusion.py                       # the whole job, in this process (~12 min)
+    .venv/bin/python benchmarks/diffusion.py                       # the DDPM job, in this process (~12 min)
+    .venv/bin/python benchmarks/diffusion.py --job jobs/dit-digits.yaml --tag dit --cache .cache/unlearn
     .venv/bin/python benchmarks/diffusion.py --set methods.1.params.steps=100
 
 Trains the original DDPM from scratch (a fresh cache in the work folder, so its training time is measured),
@@ -43,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="work folder (cache, MLflow store); default: a temp folder")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--tag", default="", help="suffix of the result files (diffusion-<tag>.md): one file per backbone")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="an existing cache folder (a cached original is reused; its training time is then not measured)")
+    p.add_argument("--throughput", action="store_true", help="also time sampling on 1 and 2 worker processes")
     return p.parse_args(argv)
 
 
@@ -51,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="unlearn-diffusion-"))
     work.mkdir(parents=True, exist_ok=True)
-    spec = spec_mod.load(args.job, ["ray.enabled=false", f"cache_dir={work / 'cache'}", *args.overrides])
+    cache = args.cache.resolve() if args.cache else work / "cache"
+    spec = spec_mod.load(args.job, ["ray.enabled=false", f"cache_dir={cache}", *args.overrides])
     old = os.getcwd()
     os.chdir(work)  # the embedded MLflow store lands in the work folder
     try:
@@ -76,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in _model(spec, prep).parameters()),
         "spec": spec.model_dump(mode="json"),
     }
-    write(results, work / "results", args.out)
+    if args.throughput:
+        from sampling_throughput import measure
+
+        results["benchmark"]["sampling"] = measure(spec, prep)
+    write(results, work / "results", args.out, args.tag)
     return 0
 
 
@@ -101,12 +112,23 @@ def verdict(methods: dict) -> list[str]:
     return lines
 
 
-def write(results: dict, job_out: Path, out: Path) -> None:
-    grids = out / "diffusion"
+def describe_model(model: dict, parameters: int) -> str:
+    """One line on the backbone the job ran."""
+    if model["name"] == "dit":
+        return (f"diffusers `DiTTransformer2DModel`, {model['layers']} layers, width {model['hidden']}, "
+                f"{model['heads']} heads, {model['patch']}x{model['patch']} patches, {parameters:,} parameters, "
+                f"label table + 1 null row (its own label dropout off), {model['train_timesteps']} DDPM steps")
+    return (f"diffusers `UNet2DModel`, block widths {model['channels']}, {model['layers_per_block']} layer per block, "
+            f"{parameters:,} parameters, class embedding + 1 unconditional id, {model['train_timesteps']} DDPM steps")
+
+
+def write(results: dict, job_out: Path, out: Path, tag: str = "") -> None:
+    stem = "diffusion" + (f"-{tag}" if tag else "")
+    grids = out / stem
     grids.mkdir(parents=True, exist_ok=True)
     for png in sorted(job_out.glob("grid_*.png")):
         shutil.copyfile(png, grids / png.name)
-    (out / "diffusion.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     b, methods = results["benchmark"], results["methods"]
     s = b["spec"]
     model, train = s["model"], s["train"]
@@ -122,24 +144,32 @@ def write(results: dict, job_out: Path, out: Path) -> None:
     unset = {"retrain": "the original's training recipe"}  # an entry without params: what it runs with
     settings = [f"- `{name}`: " + (", ".join(f"{k} {v}" for k, v in p.items()) or unset.get(name, "its declared defaults"))
                 for name, p in params.items()]
-    grid_lines = [f"![grid_{name}](diffusion/grid_{name}.png)" for name in methods if (grids / f"grid_{name}.png").is_file()]
+    grid_lines = [f"![grid_{name}]({stem}/grid_{name}.png)" for name in methods if (grids / f"grid_{name}.png").is_file()]
+    sampling = b.get("sampling")
+    throughput = ([f"Sampling throughput (DDIM {model['sample_steps']} steps, guidance {model['guidance_scale']}, "
+                   f"{sampling['images']} images, each worker its share; identical images: max |Δ| "
+                   f"{sampling['max_abs_difference']:.1e}):", "",
+                   "| workers | seconds | images/s |", "|---:|---:|---:|",
+                   *[f"| {w} | {r['seconds']:.1f} | {r['images_per_s']:.1f} |" for w, r in sampling["workers"].items()],
+                   ""] if sampling else [])
     lines = [
-        "# Diffusion unlearning: forget one digit of a class-conditional DDPM",
+        f"# Diffusion unlearning: forget one digit of a class-conditional {'DiT' if model['name'] == 'dit' else 'DDPM'}",
         "",
         f"Job `{b['job_file']}` (forget digit {', '.join(map(str, results['forget']['classes']))} of scikit-learn's digits, upsampled "
         f"to {s['dataset']['resize']}x{s['dataset']['resize']}), run by `benchmarks/diffusion.py` on {b['machine']}, "
         "every method in one process (`ray.enabled=false`; the Ray Train path is tested on 2 workers in "
         "tests/test_diffusion.py). Sizes: " + ", ".join(f"{k} {v}" for k, v in results["sizes"].items()) + ".",
         "",
-        f"Model: diffusers `UNet2DModel`, block widths {model['channels']}, {model['layers_per_block']} layer per "
-        f"block, {b['parameters']:,} parameters, class embedding + 1 unconditional id, {model['train_timesteps']} "
-        f"DDPM steps. Original and retrain recipe: {train['epochs']} epochs, batch {train['batch_size']}, "
-        f"{train['optimizer']['name']} lr {train['optimizer']['lr']}, {train['lr_schedule']} schedule, label "
-        f"dropout {model['cond_dropout']}; the original took {b['original_train_seconds']:.0f} s to train here "
-        "(retrain uses the full recipe on the retain set).",
+        f"Model: {describe_model(model, b['parameters'])}. Original and retrain recipe: {train['epochs']} epochs, "
+        f"batch {train['batch_size']}, {train['optimizer']['name']} lr {train['optimizer']['lr']}, "
+        f"{train['lr_schedule']} schedule, label dropout {model['cond_dropout']}; "
+        + (f"the original took {b['original_train_seconds']:.0f} s to train here" if not b["original_was_cached"]
+           else f"the original was read from the cache ({b.get('original_note', 'trained before this run')})")
+        + " (retrain uses the full recipe on the retain set).",
         "",
         f"Evaluation: {s['eval']['samples_per_class']} samples per class, DDIM {model['sample_steps']} steps, "
-        f"classifier-free guidance {model['guidance_scale']}, the same starting noise for every model. The judge "
+        f"classifier-free guidance {model['guidance_scale']}, the same starting noise for every model (each "
+        "sample's seeded by the job seed, its class and its index). The judge "
         f"is the platform's `cnn` trained on the same training images (held-out accuracy "
         f"{b['judge_test_accuracy']:.1f}%). **FA**: share of the samples drawn for the forgotten digit that the "
         "judge calls that digit; **CA**: the same for the kept digits (their own label); **FD**: Fréchet distance "
@@ -148,6 +178,7 @@ def write(results: dict, job_out: Path, out: Path) -> None:
         "",
         *rows,
         "",
+        *throughput,
         "Target of the issue (SFR-on FA ≤ 5% where the original's FA ≥ 70%, FD ≤ 1.2× the original's):",
         "",
         *verdict(methods),
@@ -175,8 +206,8 @@ def write(results: dict, job_out: Path, out: Path) -> None:
         *grid_lines,
         "",
     ]
-    (out / "diffusion.md").write_text("\n".join(lines))
-    print(f"wrote {out / 'diffusion.md'}, {out / 'diffusion.json'} and {grids}/", flush=True)
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    print(f"wrote {out / stem}.md, {out / stem}.json and {grids}/", flush=True)
 
 
 if __name__ == "__main__":

@@ -136,8 +136,7 @@ def test_one_and_two_workers_draw_the_same_samples(family):
     spec = validate({"name": "share", "dataset": {"name": "digits"}, "forget": {"kind": "class", "classes": [3]},
                      "model": {**model_spec, "sample_steps": 5, "guidance_scale": 2.0}, "methods": [{"name": "sfr_on"}]})
     model = build_model(spec.model, 10, (1, 8, 8))
-    evaluator = object.__new__(DiffusionEvaluator)  # only the sampler: no judge or data needed for this check
-    evaluator.spec, evaluator.num_classes, evaluator.device = spec, 10, torch.device("cpu")
+    evaluator = DiffusionEvaluator.sampler(spec, 10)  # only the sampler: no judge or data needed for this check
     whole, labels = evaluator.generate(model, 5, seed=7, comm=_Share(0, 1))
     shares = [evaluator.generate(model, 5, seed=7, comm=_Share(r, 2))[0] for r in range(2)]
     assert len(shares[0]) == 25 and len(shares[1]) == 25 and (labels == np.repeat(np.arange(10), 5)).all()

@@ -26,7 +26,7 @@ from unlearn.data.scenarios import make_splits
 from unlearn.errors import SpecError
 from unlearn.evaluation import EVALUATORS, ClassificationEvaluator, build_evaluator
 from unlearn.models import MODELS, ModelFamily, build_model
-from unlearn.spec import (DATASET_KINDS, MODEL_SPECS, CNNSpec, DatasetSpec, DDPMSpec, ForgetSpec, MLPSpec, Registry,
+from unlearn.spec import (DATASET_KINDS, MODEL_SPECS, CNNSpec, DatasetSpec, DDPMSpec, DiTSpec, ForgetSpec, MLPSpec, Registry,
                           ResNet18Spec)
 from unlearn.tasks import TASKS, Task, classification_loss, get_task, loss_for, relabel_for, task_of
 
@@ -85,7 +85,7 @@ def test_every_model_family_declares_a_registered_task_and_every_task_has_an_eva
 
 
 def test_the_model_spec_is_the_union_of_the_registered_family_classes():
-    assert MODEL_SPECS == {"mlp": MLPSpec, "cnn": CNNSpec, "resnet18": ResNet18Spec, "ddpm": DDPMSpec}
+    assert MODEL_SPECS == {"mlp": MLPSpec, "cnn": CNNSpec, "resnet18": ResNet18Spec, "ddpm": DDPMSpec, "dit": DiTSpec}
     for name, cls in MODEL_SPECS.items():
         assert cls().name == name
 
@@ -105,7 +105,8 @@ def test_a_task_bundles_its_loss_relabelling_and_evaluator_and_is_frozen():
 
 def test_task_of_reads_the_task_each_model_family_declares(monkeypatch):
     assert {name: task_of(name) for name in MODELS} == {"mlp": "classification", "cnn": "classification",
-                                                        "resnet18": "classification", "ddpm": "diffusion"}
+                                                        "resnet18": "classification", "ddpm": "diffusion",
+                                                        "dit": "diffusion"}
     monkeypatch.setitem(MODELS, "toy_lm", ModelFamily(build=lambda spec, n, shape: torch.nn.Identity(),
                                                       task="language_modelling"))
     assert task_of("toy_lm") == "language_modelling"
@@ -185,8 +186,8 @@ def test_a_dataset_that_reads_files_needs_a_root():
 # --- the spec -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model, line", [
-    ({"name": "vit"}, "model.name: unknown model 'vit'; registered: 'cnn', 'ddpm', 'mlp', 'resnet18'"),
-    ({"hidden": [8]}, "model.name: required; registered: 'cnn', 'ddpm', 'mlp', 'resnet18'"),
+    ({"name": "vit"}, "model.name: unknown model 'vit'; registered: 'cnn', 'ddpm', 'dit', 'mlp', 'resnet18'"),
+    ({"hidden": [8]}, "model.name: required; registered: 'cnn', 'ddpm', 'dit', 'mlp', 'resnet18'"),
     ({"name": "cnn", "hidden": [8]}, "model.hidden: unknown key; cnn takes: channels, dropout"),
     ({"name": "mlp", "layers_per_block": 2}, "model.layers_per_block: unknown key; mlp takes: hidden, dropout"),
     ({"name": "resnet18", "dropout": 0.1}, "model.dropout: unknown key; resnet18 takes: only name"),

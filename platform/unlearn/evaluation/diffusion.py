@@ -199,6 +199,14 @@ class DiffusionEvaluator:
         self.real_stats = gaussian_stats(self.judge.features(real))
         self.real_inception = gaussian_stats(self.inception(real)) if self.inception else None
 
+    @classmethod
+    def sampler(cls, spec: JobSpec, num_classes: int) -> "DiffusionEvaluator":
+        """Only the sampling half (no judge, no data): `generate` for throughput checks and tests."""
+        evaluator = cls.__new__(cls)
+        evaluator.spec, evaluator.num_classes = spec, num_classes
+        evaluator.device = torch.device("cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu")
+        return evaluator
+
     def generate(self, model: nn.Module, per_class: int, seed: int,
                  comm: Comm | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """This worker's share of `per_class` images of every class (class-major order), with the labels of the

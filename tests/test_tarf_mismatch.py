@@ -16,15 +16,7 @@ from torch import nn
 from unlearn import methods
 from unlearn.methods.tarf import TARFParams, drop_above_otsu, label_means, otsu_threshold
 
-from test_methods_maths import frozen, make_batches, make_ctx, on_two_workers, tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_methods_maths import frozen, make_batches, make_ctx, on_two_workers, one_thread, tiny_model  # noqa: F401 (one_thread: autouse)
 
 
 def test_paper_rule_stays_the_default():

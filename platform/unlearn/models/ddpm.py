@@ -29,16 +29,24 @@ from unlearn.errors import BadInput, SpecError
 from unlearn.spec import DDPMSpec
 
 
-class ConditionalDDPM(nn.Module):
-    """UNet noise predictor + DDPM noise schedule; `forward(x_noisy, t, labels)` returns predicted noise."""
+class ConditionalDenoiser(nn.Module):
+    """What the diffusion task needs of a backbone: `forward(x_noisy, t, labels)` -> predicted noise, the noise
+    schedule, the null (unconditional) label id, the task's label dropout rate and `image_shape`."""
 
-    def __init__(self, unet: nn.Module, scheduler, num_classes: int, cond_dropout: float) -> None:
+    def __init__(self, scheduler, num_classes: int, cond_dropout: float) -> None:
         super().__init__()
-        self.unet = unet
         self.scheduler = scheduler  # diffusers DDPMScheduler: the forward process, no learnable state
         self.num_classes = num_classes
         self.null_label = num_classes  # the unconditional class id (classifier-free guidance)
         self.cond_dropout = cond_dropout
+
+
+class ConditionalDDPM(ConditionalDenoiser):
+    """UNet noise predictor + DDPM noise schedule; `forward(x_noisy, t, labels)` returns predicted noise."""
+
+    def __init__(self, unet: nn.Module, scheduler, num_classes: int, cond_dropout: float) -> None:
+        super().__init__(scheduler, num_classes, cond_dropout)
+        self.unet = unet
 
     def forward(self, x_noisy: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x_noisy, t, class_labels=labels).sample
@@ -193,5 +201,5 @@ def draw(model: nn.Module, labels: torch.Tensor, noise: torch.Tensor, steps: int
     return sample(model, labels, steps, guidance_scale, noise=noise).to(device)
 
 
-__all__ = ["ConditionalDDPM", "build_ddpm", "diffusion_loss", "draw", "pseudo_label_loss", "sample", "seeded_noise",
+__all__ = ["ConditionalDDPM", "ConditionalDenoiser", "build_ddpm", "diffusion_loss", "draw", "pseudo_label_loss", "sample", "seeded_noise",
            "unwrap"]

@@ -19,19 +19,17 @@ import torch
 from torch import nn
 
 from unlearn.errors import BadInput, SpecError
+from unlearn.models.ddpm import ConditionalDenoiser
 from unlearn.spec import DiTSpec
 
 
-class ConditionalDiT(nn.Module):
-    """DiT noise predictor + DDPM noise schedule; `forward(x_noisy, t, labels)` returns predicted noise."""
+class ConditionalDiT(ConditionalDenoiser):
+    """DiT noise predictor + DDPM noise schedule; `forward(x_noisy, t, labels)` returns predicted noise. The null
+    label is the label table's extra row."""
 
     def __init__(self, transformer: nn.Module, scheduler, num_classes: int, cond_dropout: float) -> None:
-        super().__init__()
+        super().__init__(scheduler, num_classes, cond_dropout)
         self.transformer = transformer
-        self.scheduler = scheduler  # diffusers DDPMScheduler: the forward process, no learnable state
-        self.num_classes = num_classes
-        self.null_label = num_classes  # the table's extra row: the unconditional class (classifier-free guidance)
-        self.cond_dropout = cond_dropout
         silence_label_dropout(transformer)
 
     def forward(self, x_noisy: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=None,
                    help="an existing cache folder (a cached original is reused; its training time is then not measured)")
     p.add_argument("--throughput", action="store_true", help="also time sampling on 1 and 2 worker processes")
+    p.add_argument("--original-note", default=None, help="with --cache: how the cached original was trained")
     return p.parse_args(argv)
 
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in _model(spec, prep).parameters()),
         "spec": spec.model_dump(mode="json"),
     }
+    if args.original_note:
+        results["benchmark"]["original_note"] = args.original_note
     if args.throughput:
         from sampling_throughput import measure
 

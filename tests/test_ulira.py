@@ -132,3 +132,26 @@ def test_the_attack_is_asked_for_where_it_cannot_run(tmp_path):
     no_retrain = spec_mod.validate({**_job(tmp_path).model_dump(mode="json"), "methods": [{"name": "ga"}]})
     with pytest.raises(SpecError, match="needs the job's retrain"):
         prepare(no_retrain)
+
+
+def test_a_method_that_fails_on_a_shadow_loses_its_numbers_not_the_attack(tmp_path):
+    from dataclasses import replace
+
+    from unlearn import shadows
+    from unlearn.job import prepare, request_for
+    from unlearn.training import original_request
+
+    spec = _job(tmp_path)
+    prep = prepare(spec)
+    s = prep.splits
+    ref, ga = (request_for(prep, e, None, m) for e, m in zip(spec.methods, prep.methods))
+    exploding = replace(ga, label="ga-exploding", params=ga.params.model_copy(update={"lr": 1e12}))
+    plan = shadows.plan_shadows(4, spec.seed, s.train, s.forget, s.retain, s.remain,
+                                original_request(spec, s, prep.input_shape, prep.task), ref, [ga, exploding],
+                                {"original": "f-o", "retrain": "f-r"}, tmp_path / "cache")
+    results = shadows.run_works(plan, use_ray=False, say=lambda line: None)
+    assert all("ga-exploding" in r.failed and "diverge" in r.failed["ga-exploding"].lower() for r in results if r.k >= 0)
+    attacked = {"original": results[0].phi[shadows.ORIGINAL], "retrain": results[0].phi[shadows.RETRAIN],
+                "ga": results[0].phi["ga"], "ga-exploding": results[0].phi["ga"]}
+    numbers, _ = shadows.score(plan, results, attacked, "retrain", ["ga", "ga-exploding"])
+    assert "ga-exploding" not in numbers and {"ga", "original", "retrain"} <= set(numbers)

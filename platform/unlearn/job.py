@@ -357,6 +357,9 @@ def shadow_attack(prep: Prepared, recorder: Recorder, reference: str | None, say
         f"independent retrain, {len(splits.forget)} forget rows attacked")
     use_ray = spec.ray.enabled and _ray_running()
     results = shadows.run_works(plan, use_ray, say)
+    for label in sorted({label for r in results for label in r.failed}):
+        why = next(r.failed[label] for r in results if label in r.failed)
+        say(f"[u-lira] {label}: no per-example numbers, its run failed on a shadow model ({why})")
     scores, curves = shadows.score(plan, results, recorder.attacked_phi, reference, [e.run_name for e, _ in entries])
     for label, numbers in scores.items():
         recorder.results[label].update(numbers)

@@ -73,6 +73,7 @@ class ShadowResult:
     phi: dict[str, np.ndarray]  # ORIGINAL, RETRAIN or a method's run label -> φ over the attacked rows
     trained: dict[str, dict[str, torch.Tensor]]  # weights trained here that the driver caches
     seconds: float
+    failed: dict[str, str] = field(default_factory=dict)  # method label -> why its run failed on this shadow
 
 
 def run_shadow(work: ShadowWork) -> ShadowResult:
@@ -95,10 +96,15 @@ def run_shadow(work: ShadowWork) -> ShadowResult:
         phi[ORIGINAL] = forget_phi(new_model(replace(work.original, initial_state=base)), work.attacked, device)
     state = weights("retrain", work.retrain)
     phi[RETRAIN] = forget_phi(new_model(replace(work.retrain, initial_state=state)), work.attacked, device)
-    for request in work.methods:
-        out = local.run(replace(request, initial_state=base), verbose=False)
+    failed: dict[str, str] = {}
+    for request in work.methods:  # a method that fails on a shadow (e.g. diverges) loses its numbers, not the job
+        try:
+            out = local.run(replace(request, initial_state=base), verbose=False)
+        except Exception as err:  # noqa: BLE001 - reported per method by the job
+            failed[request.label] = f"{type(err).__name__}: {err}".splitlines()[0]
+            continue
         phi[request.label] = forget_phi(new_model(replace(request, initial_state=out.state)), work.attacked, device)
-    return ShadowResult(work.k, phi, trained, time.perf_counter() - t0)
+    return ShadowResult(work.k, phi, trained, time.perf_counter() - t0, failed)
 
 
 @dataclass
@@ -180,7 +186,8 @@ def score(plan: ShadowPlan, results: list[ShadowResult], attacked_phi: dict[str,
     retrained, never = stack(RETRAIN), np.ones_like(holds)  # no shadow retrain trained on a forget row
     attacked = {**attacked_phi, ORIGINAL: attacked_phi["original"], reference: by_k[-1][RETRAIN]}
     numbers, curves = {}, {}
-    for label in [*method_labels, ORIGINAL, reference]:
+    complete = [label for label in method_labels if all(label in by_k[k] for k in shadows)]
+    for label in [*complete, ORIGINAL, reference]:
         fit = fit_shadows(stack(label), holds, retrained, never)
         numbers[label.lstrip(":")] = attack(fit, attacked[label], attacked_phi[reference])
         curves[label.lstrip(":")] = (fit.score(attacked[label]), fit.score(attacked_phi[reference]))

@@ -286,3 +286,30 @@ def test_a_tiny_dit_job_runs_every_diffusion_method_end_to_end(tiny_job, tmp_pat
     for name in ("original", "sfr_on", "sa"):
         assert 0 <= methods[name]["FA"] <= 100 and np.isfinite(methods[name]["FD"])
     assert (tmp_path / "out" / "grid_sfr_on.png").is_file()
+
+
+def test_a_pretrained_folder_is_the_original_evaluated_not_trained(tiny_job, tmp_path):
+    """`model.path`: the loaded model is the original (evaluated as it is); methods start from its weights."""
+    from diffusers import DDPMScheduler
+
+    from unlearn.job import run_job
+    from unlearn.spec import validate
+
+    torch.manual_seed(0)
+    pretrained = build_model(spec_mod.DiTSpec(layers=1, hidden=32, heads=2, patch=2, train_timesteps=100), 10, (1, 8, 8))
+    folder = tmp_path / "pipeline"
+    pretrained.transformer.save_pretrained(folder / "transformer")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "transformer": [
+        "diffusers", "DiTTransformer2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    cache = tiny_job[0] / "cache"
+    before = set((cache / "models").glob("*.pt"))
+    spec = validate({
+        "name": "dit-pretrained", "dataset": {"name": "digits", "test_fraction": 0.25},
+        "model": {"name": "dit", "path": str(folder), "sample_steps": 5, "guidance_scale": 2.0},
+        "forget": {"kind": "class", "classes": [0]}, "methods": [{"name": "ga", "params": {"steps": 2}}],
+        "eval": {"samples_per_class": 4, "grid_per_class": 2}, "ray": {"enabled": False},
+        "tracking": {"enabled": False}, "cache_dir": str(cache)})
+    result = run_job(spec, tmp_path / "out", progress="quiet")
+    assert result["original_cached"] and set((cache / "models").glob("*.pt")) == before  # nothing trained
+    assert {"FA", "CA", "FD"} <= set(result["methods"]["original"]) and "FA" in result["methods"]["ga"]

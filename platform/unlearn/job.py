@@ -160,7 +160,7 @@ def request_for(prep: Prepared, entry: MethodSpec, state: dict[str, torch.Tensor
 def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
     """The job's runs in order (the original when not cached, the reference, the methods) and the cache info."""
     spec, splits = prep.spec, prep.splits
-    base, info = cached_original(spec, splits)
+    base, info = pretrained_original(prep) if getattr(spec.model, "path", None) else cached_original(spec, splits)
     first = [original_request(spec, splits, prep.input_shape, prep.task)]
     if base is not None:  # the cached original is only evaluated
         first[0] = replace(first[0], role="evaluate")
@@ -178,6 +178,15 @@ def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
                                                                     spec.eval.validation_fraction),
                    data_mode=spec.ray.data if spec.ray.enabled else "exact")
     return job, info
+
+
+def pretrained_original(prep: Prepared) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A model loaded from `model.path` is the original: evaluated, never trained (retrain starts from scratch)."""
+    from unlearn.models import build_model
+
+    model = build_model(prep.spec.model, prep.splits.num_outputs, prep.input_shape)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, \
+        {"cached": True, "key": "pretrained", "path": str(prep.spec.model.path)}
 
 
 def format_table(methods: dict[str, dict[str, Any]]) -> str:

@@ -1,0 +1,30 @@
+"""GPU jobs that need local files this machine does not have: run where a GPU and the folders are given."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not (os.environ.get("UNLEARN_DDPM_CIFAR10") and os.environ.get("UNLEARN_CIFAR10_ROOT")),
+                    reason="set UNLEARN_DDPM_CIFAR10 (a class-conditional diffusers DDPM folder) and UNLEARN_CIFAR10_ROOT")
+def test_sfr_on_forgets_cat_of_a_pretrained_cifar10_ddpm(tmp_path):
+    from unlearn import spec as spec_mod
+    from unlearn.job import run_job
+
+    spec = spec_mod.load(ROOT / "jobs" / "ddpm-cifar10-pretrained.yaml", [
+        f"model.path={os.environ['UNLEARN_DDPM_CIFAR10']}", f"dataset.root={os.environ['UNLEARN_CIFAR10_ROOT']}",
+        "methods=[{name: sfr_on, params: {optimizer: adam, lr: 1.0e-4, weight_decay: 0.0, clip_grad: 1.0, steps: 150, "
+        "batch_size: 128, forget_every: 1, forget_weight: 10.0, lam: 0.5, gamma: 1.0}}]",
+        f"cache_dir={tmp_path / 'cache'}", "tracking.enabled=false"])
+    methods = run_job(spec, tmp_path / "out", progress="quiet")["methods"]
+    assert methods["original"]["FA"] >= 50 and methods["sfr_on"]["FA"] <= 10
+    assert methods["sfr_on"]["FD"] <= 1.5 * methods["original"]["FD"]

@@ -50,11 +50,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an existing cache folder (a cached original is reused; its training time is then not measured)")
     p.add_argument("--throughput", action="store_true", help="also time sampling on 1 and 2 worker processes")
     p.add_argument("--original-note", default=None, help="with --cache: how the cached original was trained")
+    p.add_argument("--note", dest="notes", action="append", default=[],
+                   help="a finding to list under Notes (kept in the JSON; with --rewrite, replaces the stored ones)")
+    p.add_argument("--rewrite", action="store_true",
+                   help="only re-render diffusion[-tag].md from its existing JSON (no run)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.rewrite:
+        stem = "diffusion" + (f"-{args.tag}" if args.tag else "")
+        results = json.loads((args.out / f"{stem}.json").read_text())
+        if args.notes:
+            results["benchmark"]["notes"] = args.notes
+        write(results, None, args.out, args.tag)
+        return 0
     torch.set_num_threads(args.threads)
     work = args.work or Path(tempfile.mkdtemp(prefix="unlearn-diffusion-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -86,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.original_note:
         results["benchmark"]["original_note"] = args.original_note
+    if args.notes:
+        results["benchmark"]["notes"] = args.notes
     if args.throughput:
         from sampling_throughput import measure
 
@@ -125,11 +138,11 @@ def describe_model(model: dict, parameters: int) -> str:
             f"{parameters:,} parameters, class embedding + 1 unconditional id, {model['train_timesteps']} DDPM steps")
 
 
-def write(results: dict, job_out: Path, out: Path, tag: str = "") -> None:
+def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None:
     stem = "diffusion" + (f"-{tag}" if tag else "")
     grids = out / stem
     grids.mkdir(parents=True, exist_ok=True)
-    for png in sorted(job_out.glob("grid_*.png")):
+    for png in sorted(job_out.glob("grid_*.png")) if job_out else []:
         shutil.copyfile(png, grids / png.name)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     b, methods = results["benchmark"], results["methods"]
@@ -194,8 +207,10 @@ def write(results: dict, job_out: Path, out: Path, tag: str = "") -> None:
         "",
         "- The seeds' DDPM code sums the noise-prediction error over the C·H·W pixels; ours is the per-pixel mean "
         "(256× smaller here), so a gradient-norm clip does not transfer as a number. `sfr_on` keeps every released "
-        "setting but the clip (0.02 instead of 1, chosen on this job: 0.01 forgot too little, 0.05 forgot with "
-        "more damage); `sfr_on-clip1` is the released clip taken literally: it forgets but hurts the kept digits.",
+        "setting but the clip (0.02 instead of 1, chosen on the DDPM job: 0.01 forgot too little, 0.05 forgot with "
+        "more damage); `sfr_on-clip1` is the released clip taken literally: it forgets but hurts the kept digits."
+        + (" The DiT job carries the DDPM job's method settings over unchanged (nothing tuned on the DiT)."
+           if model["name"] == "dit" else ""),
         "- `salun` steers the forgotten label to a random other class: the prediction under the forgotten label "
         "is pulled to the detached prediction under a pseudo label (SalUn's DDPM relabelling, "
         "`unlearn.models.ddpm.pseudo_label_loss`), on the top-50% saliency mask, with the release's other settings.",
@@ -203,6 +218,7 @@ def write(results: dict, job_out: Path, out: Path, tag: str = "") -> None:
         "its samples of the digit as that digit at this strength, and the kept digits degrade.",
         f"- FD is measured on {s['eval']['samples_per_class']} samples per class (with 64, its spread over sampling "
         "seeds for the original was about ±0.05; with 32, ±0.2).",
+        *[f"- {note}" for note in b.get("notes", [])],
         "",
         "Sample grids (one row per digit, the forgotten row in red):",
         "",

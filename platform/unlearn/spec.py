@@ -193,6 +193,66 @@ class DiTSpec(Strict):
         return self
 
 
+# --- causal language models (unlearn.models.causal_lm) ----------------------------------------------------
+# Not a family yet: these classes join `ModelSpec` (with `@model_family` on CausalLMSpec and a MODELS line) in
+# the change that adds the LM task, since every registered family must name a task that exists.
+
+class LoRASpec(Strict):
+    """Low-rank adapters (peft's LoRA) on the named modules; only the adapters train, the base stays frozen (and,
+    with the adapters disabled, is the frozen reference that DELETE/NPO compare against: no second copy)."""
+
+    r: int = Field(8, ge=1, le=4096)  # adapter rank
+    alpha: float = Field(16.0, gt=0, le=65536)  # scale alpha / r on the adapters' output
+    dropout: float = Field(0.05, ge=0, lt=1)  # on the adapters' input
+    # module names (a name matches a module whose dotted name ends in it); null: the family's usual attention
+    # projections (q_proj/v_proj for llama, c_attn for gpt2; peft's table for other folders)
+    target_modules: list[str] | None = Field(None, min_length=1)
+
+
+class LMConfigSpec(Strict):
+    """A decoder built from sizes (tests, CPU benchmarks): freshly initialised, deterministic under a seed."""
+
+    family: Literal["llama", "gpt2"]
+    layers: int = Field(2, ge=1, le=256)
+    hidden: int = Field(64, ge=8, le=65536)  # width: heads x head dimension
+    heads: int = Field(2, ge=1, le=256)
+    # MLP width; null: 4 x hidden for gpt2, 8/3 x hidden (rounded up to a multiple of 8) for llama's gated MLP,
+    # which keeps the two families' MLP parameter counts alike
+    intermediate: int | None = Field(None, ge=1, le=1_048_576)
+    max_positions: int = Field(256, ge=8, le=1_048_576)  # longest sequence (gpt2's position table, llama's RoPE)
+    vocab_size: int | None = Field(None, ge=2, le=4_194_304)  # null: the tokenizer's
+    dropout: float = Field(0.0, ge=0, lt=1)  # attention (and gpt2's residual/embedding) dropout; 0: deterministic
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "LMConfigSpec":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.family == "llama" and (self.hidden // self.heads) % 2:
+            raise ValueError(f"llama's rotary embedding needs an even head dimension, hidden / heads is "
+                             f"{self.hidden // self.heads}")
+        return self
+
+
+class CausalLMSpec(Strict):
+    """Any Hugging Face causal LM from a local folder (`path`, loaded with local_files_only: nothing is
+    downloaded), or one built from `config`; optionally with LoRA adapters."""
+
+    name: Literal["causal_lm"] = "causal_lm"
+    path: str | None = None  # a save_pretrained folder: config.json + weights (+ its tokenizer)
+    config: LMConfigSpec | None = None
+    # a tokenizer.json file or a tokenizer folder; null: the model folder's own (`path`); a `config` model needs one
+    tokenizer: str | None = None
+    lora: LoRASpec | None = None  # null: every weight trains
+    precision: Literal["fp32", "bf16"] = "fp32"  # the weights' dtype
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CausalLMSpec":
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of model.path (a local model folder) and model.config (sizes)")
+        return self
+
+
 # The `model` section: whichever family its `name` says (every family is registered above this line).
 ModelSpec = Annotated[Union[tuple(MODEL_SPECS.values())], Field(discriminator="name")]
 

@@ -5,7 +5,8 @@
 - classifiers: the `pytorch` flavor (pickled module), input example `zeros(1, *input_shape)` float32 and the
   signature inferred from it and the model's logits; `mlflow.pytorch.load_model("models:/<id>")` reloads it.
 - diffusion (`ConditionalDDPM`): a pyfunc (`DiffusionNoisePredictor`) whose input is a dict of arrays `noise`
-  (N, C, H, W) float32, `timestep` (N,) int64 and `labels` (N,) int64 and whose output is the predicted noise;
+  (N, C, H, W) float32 (the denoiser's `noise_shape`: latents for a latent pipeline, whose VAE is pickled along),
+  `timestep` (N,) int64 and `labels` (N,) int64 and whose output is the predicted noise;
   `mlflow.pyfunc.load_model(uri).unwrap_python_model().module` is the torch module.
 - adapters (`tracking.log_models: adapter`): `adapter_weights.pt`, the adapter state dict only (a model that
   exposes adapters: a PEFT model, or one with `adapter_state_dict()`); no flavor, download it.
@@ -64,6 +65,8 @@ def save_full(model: torch.nn.Module, path: Path, logged: Any, run_id: str, inpu
                          model_id=logged.model_id)
     was_training = model.training
     model = model.cpu().eval()
+    if task == "diffusion" and hasattr(model, "noise_shape"):
+        input_shape = model.noise_shape  # what the denoiser takes: latents for a latent pipeline
     example = input_example(tuple(input_shape), task) if input_shape else None
     try:
         with warnings.catch_warnings():

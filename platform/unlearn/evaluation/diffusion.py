@@ -216,7 +216,7 @@ class DiffusionEvaluator:
         labels = torch.arange(self.num_classes).repeat_interleave(per_class)
         comm = comm or LocalComm()
         mine = torch.from_numpy(eval_share(len(labels), comm.world_size, comm.rank))
-        noise = seeded_noise(seed, labels[mine], mine % per_class, unwrap(model).image_shape)
+        noise = seeded_noise(seed, labels[mine], mine % per_class, unwrap(model).noise_shape)  # latents too
         where = next(model.parameters()).device
         model.to(self.device)
         try:

@@ -20,6 +20,7 @@ with ℓ the task's per-sample noise-prediction loss (`ctx.loss`), as the SA rel
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -73,7 +74,8 @@ class SelectiveAmnesia(Method):
 
     def setup(self, ctx: Context) -> None:
         p = self.params
-        forgotten, shape = forgotten_labels(ctx)
+        forgotten = forgotten_labels(ctx)
+        shape = ctx.original.noise_shape  # the starting noise is the denoiser's: latents for a latent pipeline
         kept = torch.tensor([c for c in range(ctx.num_classes) if c not in forgotten], dtype=torch.long)
         self.replay_x, self.replay_y = draw_from_original(ctx, kept, p.replay_per_class, shape, salt=1)
         every = torch.arange(ctx.num_classes)
@@ -100,15 +102,13 @@ class SelectiveAmnesia(Method):
         return Batch(self.replay_x[mine], self.replay_y[mine], mine.to(ctx.device))
 
 
-def forgotten_labels(ctx: Context) -> tuple[set[int], tuple[int, ...]]:
-    """The labels of the whole forget set (every worker's shard) and the shape of one input."""
+def forgotten_labels(ctx: Context) -> set[int]:
+    """The labels of the whole forget set (every worker's shard)."""
     seen = torch.zeros(ctx.num_classes, device=ctx.device)
-    shape: tuple[int, ...] = ()
     for batch in ctx.forget_batches():
         seen[batch.y.unique()] = 1.0
-        shape = tuple(batch.x.shape[1:])
     seen = ctx.comm.all_reduce(seen, op="max")
-    return {int(c) for c in torch.nonzero(seen).flatten().tolist()}, shape
+    return {int(c) for c in torch.nonzero(seen).flatten().tolist()}
 
 
 def draw_from_original(ctx: Context, classes: torch.Tensor, per_class: int, shape: tuple[int, ...], salt: int,
@@ -135,7 +135,8 @@ def summed_loss_fisher(ctx: Context, x: torch.Tensor, y: torch.Tensor, draws: in
     module = ctx.original
     schedule = getattr(getattr(module, "scheduler", None), "config", None)  # a diffusion model's noise schedule
     steps = schedule.num_train_timesteps if schedule is not None else 1
-    pixels = float(x[0].numel()) if len(x) else 1.0
+    # the elements the task loss averages over: pixels, or a latent pipeline's latent cells
+    pixels = float(math.prod(getattr(module, "noise_shape", x.shape[1:]))) if len(x) else 1.0
     sums = {n: torch.zeros_like(q) for n, q in module.named_parameters()}
     with differentiable(module):
         for image, label in zip(x, y):

@@ -5,10 +5,12 @@ The module the platform trains and unlearns is `ConditionalDDPM`: the UNet with 
 guidance needs) and its `DDPMScheduler` (the forward noising process; not a module, no weights).
 
 - `diffusion_loss(model, batch)` is the task's per-sample loss (`ctx.loss` of every method): the MSE of
-  the noise prediction at a uniformly drawn timestep, images scaled from [0, 1] to [-1, 1]. In train
+  the noise prediction at a uniformly drawn timestep, images mapped from [0, 1] into the backbone's space by
+  `ConditionalDenoiser.encode` (pixels scaled to [-1, 1], or a latent pipeline's VAE latents). In train
   mode labels are dropped to the unconditional id at rate `cond_dropout` (so guidance works later).
 - `sample(model, labels, ...)` draws images in [0, 1] with a `DDIMScheduler` made from the DDPM
-  scheduler's config (few steps, deterministic for a given generator), optionally with guidance.
+  scheduler's config (few steps, deterministic for a given generator), optionally with guidance, starting from
+  noise of the backbone's `noise_shape` and decoded at the end (`ConditionalDenoiser.decode`).
 - `pseudo_label_loss(model, batch, labels)` is SalUn's diffusion relabelling loss: the noise prediction
   under the true label pulled towards the (detached) prediction under another label.
 
@@ -20,6 +22,7 @@ and the mid block only, which keeps 16x16 digits at ~1M parameters and fast on a
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,31 +31,63 @@ from unlearn.batch import Batch
 from unlearn.errors import BadInput, SpecError
 from unlearn.spec import DDPMSpec
 
+if TYPE_CHECKING:
+    from unlearn.models.latent import LatentSpace
+
 
 class ConditionalDenoiser(nn.Module):
     """What the diffusion task needs of a backbone: `forward(x_noisy, t, labels)` -> predicted noise, the noise
-    schedule, the null (unconditional) label id, the task's label dropout rate and `image_shape`."""
+    schedule, the null (unconditional) label id, the task's label dropout rate, `noise_shape` (what the backbone
+    denoises) and the map between the task's images in [0, 1] and that space (`encode` / `decode`).
 
-    def __init__(self, scheduler, num_classes: int, cond_dropout: float) -> None:
+    Pixel-space models denoise the images scaled to [-1, 1]. Latent ones (`latent`, a pipeline's VAE) denoise its
+    latents; the VAE is a plain attribute, not a submodule, so it is in neither `parameters()` nor the state dict."""
+
+    def __init__(self, scheduler, num_classes: int, cond_dropout: float, latent: LatentSpace | None = None) -> None:
         super().__init__()
         self.scheduler = scheduler  # diffusers DDPMScheduler: the forward process, no learnable state
         self.num_classes = num_classes
         self.null_label = num_classes  # the unconditional class id (classifier-free guidance)
         self.cond_dropout = cond_dropout
+        self.latent = latent  # models.latent.LatentSpace (a plain object, not a submodule) or None: pixels
+
+    @property
+    def noise_shape(self) -> tuple[int, int, int]:
+        """C x H x W of what the backbone denoises (the starting noise of sampling): pixels, or latents."""
+        raise NotImplementedError
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """C x H x W of the images in [0, 1] that the task reads and `decode` gives."""
+        return self.noise_shape if self.latent is None else self.latent.image_shape(self.noise_shape)
+
+    def encode(self, x01: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the backbone's space (x0 of the forward process)."""
+        return x01 * 2 - 1 if self.latent is None else self.latent.encode(x01)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The backbone's space (a finished sample) -> images in [0, 1]."""
+        return (z.clamp(-1, 1) + 1) / 2 if self.latent is None else self.latent.decode(z)
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202: nn.Module's hook behind .to(), .cuda(), .cpu()
+        if self.latent is not None:  # the VAE is no submodule: move it along explicitly
+            self.latent.vae._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
 
 
 class ConditionalDDPM(ConditionalDenoiser):
     """UNet noise predictor + DDPM noise schedule; `forward(x_noisy, t, labels)` returns predicted noise."""
 
-    def __init__(self, unet: nn.Module, scheduler, num_classes: int, cond_dropout: float) -> None:
-        super().__init__(scheduler, num_classes, cond_dropout)
+    def __init__(self, unet: nn.Module, scheduler, num_classes: int, cond_dropout: float,
+                 latent: LatentSpace | None = None) -> None:
+        super().__init__(scheduler, num_classes, cond_dropout, latent)
         self.unet = unet
 
     def forward(self, x_noisy: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.unet(x_noisy, t, class_labels=labels).sample
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def noise_shape(self) -> tuple[int, int, int]:
         size = self.unet.config.sample_size
         return (self.unet.config.in_channels, size, size)
 
@@ -83,13 +118,14 @@ def build_ddpm(spec: DDPMSpec, num_classes: int, input_shape: tuple[int, ...]) -
 
 
 def load_ddpm(spec: DDPMSpec, num_classes: int, input_shape: tuple[int, ...]) -> ConditionalDDPM:
-    """The pretrained class-conditional UNet in `spec.path` (a pipeline or a UNet2DModel folder)."""
+    """The pretrained class-conditional UNet in `spec.path` (a pipeline or a UNet2DModel folder), over its
+    pipeline's VAE latents where the pipeline has one."""
     from diffusers import UNet2DModel
 
-    from unlearn.models.pretrained import load_model, load_scheduler, locate, refuse_latent
+    from unlearn.models.latent import check_latent_input
+    from unlearn.models.pretrained import load_latent, load_model, load_scheduler, locate
 
     located = locate(spec.path, "unet", "UNet2DModel")
-    refuse_latent(located, spec.path)
     unet = load_model(UNet2DModel, located.model)
     n = unet.config.num_class_embeds
     if n is None:
@@ -99,21 +135,26 @@ def load_ddpm(spec: DDPMSpec, num_classes: int, input_shape: tuple[int, ...]) ->
         raise BadInput(f"model.path: the UNet in {spec.path} has {n} class embeddings; this dataset needs "
                        f"{num_classes} classes + 1 unconditional (the last id)")
     size = unet.config.sample_size
-    if (unet.config.in_channels, size, size) != tuple(input_shape):
+    takes = (unet.config.in_channels, size, size)
+    latent = load_latent(located)
+    if latent is not None:
+        check_latent_input(latent, input_shape, takes, f"the UNet in {spec.path}")
+    elif takes != tuple(input_shape):
         raise BadInput(f"model.path: the UNet in {spec.path} takes {unet.config.in_channels}x{size}x{size} images; "
                        f"the dataset's are {'x'.join(map(str, input_shape))}")
-    return ConditionalDDPM(unet, load_scheduler(located.scheduler, spec.train_timesteps), num_classes,
-                           spec.cond_dropout)
+    scheduler = load_scheduler(located.scheduler, spec.train_timesteps, latent=latent is not None)
+    return ConditionalDDPM(unet, scheduler, num_classes, spec.cond_dropout, latent)
 
 
-def unwrap(model: nn.Module) -> ConditionalDDPM:
-    """The ConditionalDDPM inside a DDP/FSDP wrapper (or the model itself)."""
+def unwrap(model: nn.Module) -> ConditionalDenoiser:
+    """The ConditionalDenoiser inside a DDP/FSDP wrapper (or the model itself)."""
     return getattr(model, "module", model)
 
 
-def _noised(core: ConditionalDDPM, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_t, t, noise) for images in [0, 1]: antithetic uniform timesteps (t and T-1-t, as the DDPM releases)."""
-    x0 = x * 2 - 1
+def _noised(core: ConditionalDenoiser, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, noise) for images in [0, 1], in the backbone's space (`encode`): antithetic uniform timesteps
+    (t and T-1-t, as the DDPM releases)."""
+    x0 = core.encode(x)
     n, steps = len(x0), core.scheduler.config.num_train_timesteps
     half = torch.randint(0, steps, ((n + 1) // 2,), device=x0.device)
     t = torch.cat([half, steps - 1 - half])[:n]
@@ -147,7 +188,8 @@ def pseudo_label_loss(model: nn.Module, batch: Batch, pseudo_labels: torch.Tenso
 def sample(model: nn.Module, labels: torch.Tensor, steps: int = 50, guidance_scale: float = 1.0,
            generator: torch.Generator | None = None, batch_size: int = 500,
            noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Images in [0, 1] (CPU tensor, N x C x H x W) conditioned on `labels`, by `steps` DDIM steps (eta 0).
+    """Images in [0, 1] (CPU tensor, N x C x H x W) conditioned on `labels`, by `steps` DDIM steps (eta 0) in the
+    backbone's space (`noise_shape`), decoded at the end (`decode`).
 
     Classifier-free guidance when `guidance_scale` != 1: ε = ε_uncond + s (ε_cond − ε_uncond).
     The starting noise is drawn on the CPU from `generator`, so a seed gives the same images anywhere; or
@@ -164,7 +206,7 @@ def sample(model: nn.Module, labels: torch.Tensor, steps: int = 50, guidance_sca
     ddim.set_timesteps(steps)
     labels = torch.as_tensor(labels, dtype=torch.long)
     if noise is None:
-        noise = torch.randn((len(labels), *core.image_shape), generator=generator)
+        noise = torch.randn((len(labels), *core.noise_shape), generator=generator)
     out = []
     for start in range(0, len(labels), batch_size):
         y = labels[start:start + batch_size].to(device)
@@ -178,9 +220,9 @@ def sample(model: nn.Module, labels: torch.Tensor, steps: int = 50, guidance_sca
                 cond, uncond = eps.chunk(2)
                 eps = uncond + guidance_scale * (cond - uncond)
             x = ddim.step(eps, t, x).prev_sample
-        out.append(((x.clamp(-1, 1) + 1) / 2).cpu())
+        out.append(core.decode(x).cpu())
     core.train(was_training)
-    return torch.cat(out) if out else noise
+    return torch.cat(out) if out else core.decode(noise)
 
 
 def seeded_noise(seed: int, labels: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

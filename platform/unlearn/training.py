@@ -37,8 +37,11 @@ def empty_split(like: Split) -> Split:
 
 def original_key(spec: JobSpec, splits: Splits) -> str:
     """Content hash of everything the original model depends on."""
-    payload = {"dataset": spec.dataset.model_dump(mode="json"), "label_level": splits.label_level,
-               "model": spec.model.model_dump(mode="json"), "train": spec.train.model_dump(mode="json"),
+    # Unset (None) fields are left out, so adding an optional spec field later keeps every cached original
+    # (a field set to a value still changes the key).
+    payload = {"dataset": spec.dataset.model_dump(mode="json", exclude_none=True), "label_level": splits.label_level,
+               "model": spec.model.model_dump(mode="json", exclude_none=True),
+               "train": spec.train.model_dump(mode="json", exclude_none=True),
                "seed": spec.seed, "version": CACHE_VERSION, "n_train": len(splits.train)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

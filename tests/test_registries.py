@@ -211,7 +211,7 @@ def test_an_unknown_dataset_is_one_line_naming_the_field():
     with pytest.raises(SpecError) as bad:
         spec_mod.validate(data)
     assert str(bad.value) == ("dataset.name: unknown dataset 'mnist'; "
-                              "registered: 'cifar10', 'cifar100', 'digits', 'parquet', 'synthetic'")
+                              "registered: 'cifar10', 'cifar100', 'digits', 'imagefolder', 'parquet', 'synthetic'")
 
 
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])

@@ -72,6 +72,7 @@ DATASET_KINDS.register("digits", DatasetKind())
 DATASET_KINDS.register("cifar10", DatasetKind(needs_root=True))
 DATASET_KINDS.register("cifar100", DatasetKind(needs_root=True))
 DATASET_KINDS.register("parquet", DatasetKind(needs_root=True))
+DATASET_KINDS.register("imagefolder", DatasetKind(needs_root=True))
 DATASET_KINDS.register("synthetic", DatasetKind())
 
 
@@ -86,16 +87,25 @@ class BackdoorSpec(Strict):
 
 class DatasetSpec(Strict):
     name: str  # a name in DATASET_KINDS
-    root: str | None = None  # folder (cifar10/cifar100) or file/folder (parquet)
+    root: str | None = None  # folder (cifar10/cifar100, imagefolder) or file/folder (parquet)
     test_fraction: float = Field(0.25, gt=0, lt=1)  # datasets without an official test split
-    # synthetic only: sizes and resolution (defaults: the cnn trains in a few minutes on 2 cores)
+    # synthetic only: sizes (defaults: the cnn trains in a few minutes on 2 cores)
     num_train: int = Field(8000, ge=20, le=1_000_000)
     num_test: int = Field(2000, ge=20, le=1_000_000)
-    image_size: int = Field(32, ge=8, le=256)
+    # synthetic: the drawn images' side; imagefolder: the side every image is resized and center-cropped to
+    # (512 admits DiT-XL-2-512's data)
+    image_size: int = Field(32, ge=8, le=512)
     # parquet only: column names
     image_column: str = "image"
     label_column: str = "label"
     superclass_column: str | None = None
+    # imagefolder only: a JSON file mapping class folder names to class ids ({"n01440764": 0, ...} or keras'
+    # {"0": ["n01440764", "tench"], ...}), so that a subset of ImageNet's folders keeps ImageNet's ids; null: the
+    # sorted folder names are the ids 0..K-1
+    class_index: str | None = None
+    # imagefolder only: how many classes the dataset has (classes without images allowed, e.g. 1000 for an
+    # ImageNet-pretrained model fed a subset); null: the largest id + 1
+    num_classes: int | None = Field(None, ge=1, le=1_000_000)
     # optional resize of every image (e.g. digits 8x8 -> 16x16 for diffusion models)
     resize: int | None = Field(None, ge=4, le=512)
     backdoor: BackdoorSpec | None = None  # plant a trigger (forget kind `backdoor` then forgets the poisoned rows)
@@ -356,6 +366,16 @@ class TuneSpec(Strict):
     reports: int = Field(4, ge=1, le=1000)  # per-trial progress reports ASHA can act on
 
 
+class JudgeSpec(Strict):
+    """A diffusion judge from a local torchvision classifier state dict (evaluation/judges.py): nothing is trained
+    or downloaded. Its classes must be the job's (e.g. an ImageNet classifier for ImageNet class ids)."""
+
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+                  "wide_resnet101_2", "vit_b_16", "vit_b_32", "vit_l_16"]
+    weights: str  # a torchvision state dict of that architecture (torch.save(model.state_dict(), FILE))
+    image_size: int = Field(224, ge=32, le=1024)  # generated and real images are resized to this before the judge
+
+
 class EvalSpec(Strict):
     mia: bool = True
     # Share of the test part held out as the validation split: the non-members (TA, MIA) that `unlearn tune`
@@ -366,6 +386,8 @@ class EvalSpec(Strict):
     grid_per_class: int = Field(8, ge=1, le=64)
     # diffusion: a local torchvision inception_v3 state dict; when given, FID is reported beside FD (never downloaded)
     inception_weights: str | None = None
+    # diffusion: the judge of FA / CA / FD; null: the platform's cnn trained on the job's training images (cached)
+    judge: JudgeSpec | None = None
     # Per-example privacy (U-LiRA, evaluation/ulira.py): this many shadow originals (>= 4), each then unlearned by
     # every method of the job and retrained; classification only. 0: off (it costs K trainings plus K runs per
     # method, in parallel on Ray). Hayes et al. use 16 or more.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from unlearn.data import cifar, digits, parquet, synthetic
+from unlearn.data import cifar, digits, imagefolder, parquet, synthetic
 from unlearn.data.base import ImageDataset, resize
 from unlearn.data.store import RowStore, open_store
 from unlearn.spec import DatasetSpec, Registry
@@ -19,12 +19,13 @@ from unlearn.spec import DatasetSpec, Registry
 Loader = Callable[[DatasetSpec, int, Path], ImageDataset]  # (spec, seed, cache folder) -> dataset
 
 # Each loader takes only what it reads; these lines say which spec fields feed it. The loader modules import
-# their libraries (scikit-learn, pyarrow) when they load, so registering them costs nothing.
+# their libraries (scikit-learn, pyarrow, PIL) when they load, so registering them costs nothing.
 DATASETS: Registry[Loader] = Registry("dataset", "dataset.name")
 DATASETS.register("digits", lambda spec, seed, cache: digits.load_digits_dataset(spec.test_fraction, seed))
 DATASETS.register("cifar10", lambda spec, seed, cache: cifar.load_cifar(spec.root, spec.name))
 DATASETS.register("cifar100", lambda spec, seed, cache: cifar.load_cifar(spec.root, spec.name))
 DATASETS.register("parquet", lambda spec, seed, cache: parquet.load_parquet(spec, seed))
+DATASETS.register("imagefolder", lambda spec, seed, cache: imagefolder.load_imagefolder(spec, seed))
 DATASETS.register("synthetic", lambda spec, seed, cache: synthetic.load_synthetic(
     spec.num_train, spec.num_test, spec.image_size, seed, cache / "data"))
 

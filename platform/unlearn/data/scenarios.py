@@ -197,6 +197,11 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int, validation_fracti
 
     if spec.kind == "class":
         _check_classes(ds, spec.classes, "forget.classes")
+        # A dataset may have classes without images (imagefolder sized to a pretrained model's classes): none of
+        # them can be forgotten, the methods would be handed nothing of it while FA still read its samples.
+        empty = [c for c in spec.classes if not np.any(cls_train == c)]
+        if empty:
+            raise SpecError("forget.classes", f"class {empty[0]} has no training images in dataset '{ds.name}'")
         given = np.isin(cls_train, spec.classes)
         target_train, target_test = given, np.isin(cls_test, spec.classes)
         target_labels = list(spec.classes)

@@ -355,6 +355,15 @@ def _key_fields(spec: DatasetSpec, seed: int) -> dict:
                       superclass_column=spec.superclass_column, files=_fingerprint(files))
         if not split_given:  # the loader splits stratified by class
             fields.update(test_fraction=spec.test_fraction, seed=seed)
+    elif spec.name == "imagefolder":
+        from unlearn.data.imagefolder import scan
+
+        found = scan(spec.root)  # the loader's own listing: its files, and whether root/train + root/val split it
+        fields.update(root=str(found.root.absolute()), image_size=spec.image_size, num_classes=spec.num_classes,
+                      files=_fingerprint(found.files()),
+                      class_index=_fingerprint([Path(spec.class_index).expanduser()]) if spec.class_index else None)
+        if not found.split_given:  # the loader splits stratified by class
+            fields.update(test_fraction=spec.test_fraction, seed=seed)
     else:  # a dataset registered since: what its loader reads is unknown here, so everything counts
         fields.update(spec=spec.model_dump(mode="json"), seed=seed)
         if spec.root:

@@ -1,8 +1,10 @@
 """Evaluation of class-conditional diffusion models: FA, FD (and FID), CA, sample grids.
 
-A *judge* classifier (the platform's `cnn`, trained here on the job's training images and labels,
-cached under `cache_dir/judges/` by a content hash of the data and its recipe) reads the generated
-images:
+A *judge* classifier reads the generated images: by default the platform's `cnn`, trained here on the job's
+training images and labels (cached under `cache_dir/judges/` by a content hash of the data and its recipe); with
+`eval.judge`, a torchvision classifier from a local weights file (`local_judge`, evaluation/judges.py: e.g. an
+ImageNet ResNet-50 for a DiT on ImageNet classes, where training a judge is neither cheap nor good). Either
+reports its accuracy on the job's held-out images (`Judge.test_accuracy`).
 
 - **FA**: percent of the images conditioned on a forgotten class that the judge assigns to it.
 - **CA**: percent of the images conditioned on a kept class that the judge assigns to that class
@@ -11,6 +13,10 @@ images:
   images and of the real held-out (test) images of the kept classes.
 - **FID**: the same with Inception-v3 pool features, only when `eval.inception_weights` names a local
   torchvision state dict (nothing is downloaded).
+
+Only classes with training images (and the forgotten ones) are sampled and judged: a dataset sized to a
+pretrained model's label space (an ImageNet subset under ImageNet's 1000 ids) has classes without images, whose
+samples no real image could be compared with.
 
 Every model is sampled from the same starting noise (each sample's seeded by the job seed, its class and its
 index within the class), with DDIM
@@ -45,7 +51,7 @@ from unlearn.errors import BadInput
 from unlearn.models import build_model
 from unlearn.models.ddpm import sample, seeded_noise, unwrap
 from unlearn.shards import eval_share
-from unlearn.spec import CNNSpec, JobSpec, OptimizerSpec, TrainSpec
+from unlearn.spec import CNNSpec, JobSpec, JudgeSpec, OptimizerSpec, TrainSpec
 
 JUDGE_MODEL = CNNSpec(channels=[32, 64, 128])
 JUDGE_TRAIN = TrainSpec(epochs=15, batch_size=64, optimizer=OptimizerSpec(name="sgd", lr=0.05, momentum=0.9,
@@ -58,7 +64,9 @@ FEATURE_BATCH = 256
 class Judge:
     """The evaluation classifier: class predictions and penultimate-layer features."""
 
-    model: nn.Module  # SmallCNN: `features` (pooled conv features) then `head`
+    # `features(x)` and `forward(x)` (logits): SmallCNN (pooled conv features, then its head) or a local
+    # torchvision classifier (judges.LocalClassifier: its penultimate layer, then its fc / heads)
+    model: nn.Module
     test_accuracy: float
 
     @torch.no_grad()
@@ -115,6 +123,31 @@ def train_judge(splits: Splits, seed: int, cache_dir: str | Path) -> Judge:
     os.replace(tmp, path)
     print(f"diffusion judge: held-out accuracy {judge.test_accuracy:.1f}%", file=sys.stderr, flush=True)
     return judge
+
+
+def local_judge(spec: JudgeSpec, splits: Splits, device: torch.device | str = "cpu") -> Judge:
+    """The judge of `eval.judge`: a torchvision classifier from a local weights file (nothing trained), with its
+    accuracy on the job's held-out images (read on `device`)."""
+    from unlearn.evaluation.judges import load_classifier
+
+    judge = Judge(load_classifier(spec, splits.num_outputs).to(device), 0.0)
+    test_y = splits.test.y
+    if len(test_y):
+        judge.test_accuracy = float(100 * np.mean(judge.predict(torch.from_numpy(splits.test.x)) == test_y))
+    print(f"diffusion judge: {spec.arch} from {spec.weights}, held-out accuracy {judge.test_accuracy:.1f}% "
+          f"on {len(test_y)} images", file=sys.stderr, flush=True)
+    if len(test_y) and judge.test_accuracy < 50:  # FA / CA would read noise: most likely ids that differ
+        print(f"diffusion judge: warning: {spec.arch} reads the job's own images poorly; check that its classes "
+              "are the dataset's ids (e.g. an ImageNet class index) and eval.judge.image_size", file=sys.stderr,
+              flush=True)
+    return judge
+
+
+def build_judge(spec: JobSpec, splits: Splits, device: torch.device | str = "cpu") -> Judge:
+    """`eval.judge`'s local classifier, else the cnn trained on the job's data (cached)."""
+    if spec.eval.judge is not None:
+        return local_judge(spec.eval.judge, splits, device)
+    return train_judge(splits, spec.seed, spec.cache_dir)
 
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,11 +222,14 @@ class DiffusionEvaluator:
         self.inception = InceptionFeatures(spec.eval.inception_weights) if spec.eval.inception_weights else None
         self.num_classes = splits.num_outputs
         self.forgotten = [int(c) for c in splits.target_labels]
-        self.kept = [c for c in range(self.num_classes) if c not in self.forgotten]
+        # the classes sampled and judged: those with training images, and the forgotten ones (classes without
+        # images have no real images for FD, and a model trained here never saw them)
+        self.classes = sorted({int(c) for c in np.unique(splits.train.y)} | set(self.forgotten))
+        self.kept = [c for c in self.classes if c not in self.forgotten]
         names = dataset.class_names if splits.label_level == "class" else dataset.superclass_names
         self.class_names = [str(n) for n in names]
         self.device = torch.device("cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu")
-        self.judge = train_judge(splits, spec.seed, spec.cache_dir)
+        self.judge = build_judge(spec, splits, self.device)
         self.judge.model.to(self.device)
         real = torch.from_numpy(splits.test.x[np.isin(splits.test.y, self.kept)])
         self.real_stats = gaussian_stats(self.judge.features(real))
@@ -204,16 +240,17 @@ class DiffusionEvaluator:
         """Only the sampling half (no judge, no data): `generate` for throughput checks and tests."""
         evaluator = cls.__new__(cls)
         evaluator.spec, evaluator.num_classes = spec, num_classes
+        evaluator.classes = list(range(num_classes))
         evaluator.device = torch.device("cuda" if spec.ray.use_gpu and torch.cuda.is_available() else "cpu")
         return evaluator
 
     def generate(self, model: nn.Module, per_class: int, seed: int,
                  comm: Comm | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        """This worker's share of `per_class` images of every class (class-major order), with the labels of the
-        whole set. Each image's starting noise is seeded by (seed, class, index within the class) alone, so the
-        set is the same whatever the worker count, and its first k images per class are the same for any
-        per_class >= k; a worker draws only its own share's noise."""
-        labels = torch.arange(self.num_classes).repeat_interleave(per_class)
+        """This worker's share of `per_class` images of every evaluated class (`classes`, class-major order), with
+        the labels of the whole set. Each image's starting noise is seeded by (seed, class, index within the class)
+        alone, so the set is the same whatever the worker count, and its first k images per class are the same for
+        any per_class >= k; a worker draws only its own share's noise."""
+        labels = torch.tensor(self.classes, dtype=torch.long).repeat_interleave(per_class)
         comm = comm or LocalComm()
         mine = torch.from_numpy(eval_share(len(labels), comm.world_size, comm.rank))
         noise = seeded_noise(seed, labels[mine], mine % per_class, unwrap(model).noise_shape)  # latents too
@@ -268,7 +305,7 @@ class DiffusionEvaluator:
         images = out.grid if out is not None and out.grid is not None else \
             self.generate(model, per_class, self.spec.seed + 1)[0]
         path = save_grid(images, per_class, self.class_names, self.forgotten, Path(folder) / f"grid_{name}.png",
-                         f"{self.spec.name}: {name}")
+                         f"{self.spec.name}: {name}", classes=self.classes)
         if self.out_dir is not None:
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, Path(self.out_dir) / path.name)
@@ -276,8 +313,9 @@ class DiffusionEvaluator:
 
 
 def save_grid(images: torch.Tensor, per_class: int, class_names: list[str], forgotten: list[int], path: Path,
-              title: str) -> Path:
-    """A PNG of the images in rows of `per_class` (one row per class), rows labelled, forgotten ones in red."""
+              title: str, classes: list[int] | None = None) -> Path:
+    """A PNG of the images in rows of `per_class` (one row per class: row r shows `classes[r]`, by default class
+    r), rows labelled, forgotten ones in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,16 +323,17 @@ def save_grid(images: torch.Tensor, per_class: int, class_names: list[str], forg
     from torchvision.utils import make_grid
 
     rows = len(images) // per_class
+    classes = list(range(rows)) if classes is None else list(classes)
     size = images.shape[-1]
     grid = make_grid(images, nrow=per_class, padding=1, pad_value=1.0).permute(1, 2, 0).numpy()
     fig, ax = plt.subplots(figsize=(1.6 + 0.55 * per_class, 0.6 + 0.55 * rows))
     ax.imshow(grid[..., 0] if images.shape[1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([1 + (size + 1) * r + size / 2 for r in range(rows)])
-    labels = [f"{class_names[r]} (forgotten)" if r in forgotten else class_names[r] for r in range(rows)]
+    labels = [f"{class_names[c]} (forgotten)" if c in forgotten else class_names[c] for c in classes[:rows]]
     ax.set_yticklabels(labels, fontsize=8)
-    for r, tick in enumerate(ax.get_yticklabels()):
-        if r in forgotten:
+    for c, tick in zip(classes, ax.get_yticklabels()):
+        if c in forgotten:
             tick.set_color("red")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -304,5 +343,5 @@ def save_grid(images: torch.Tensor, per_class: int, class_names: list[str], forg
     return path
 
 
-__all__ = ["DiffusionEvaluator", "DiffusionOutputs", "Judge", "frechet_distance", "gaussian_stats", "save_grid",
-           "train_judge"]
+__all__ = ["DiffusionEvaluator", "DiffusionOutputs", "Judge", "build_judge", "frechet_distance", "gaussian_stats",
+           "local_judge", "save_grid", "train_judge"]

@@ -110,6 +110,16 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return {k: v[:PARAM_VALUE_MAX] for k, v in out.items()}
 
 
+
+# Characters MLflow refuses in a LoggedModel's name; a method's run name may hold them (a label like
+# "sfr_on-clip0.01"), and a refused name would fail the job after the run's work is done.
+_MODEL_NAME_FORBIDDEN = str.maketrans({c: "_" for c in "/:.%\"'"})
+
+
+def logged_model_name(run_name: str) -> str:
+    """The run name as MLflow accepts it for a LoggedModel (forbidden characters become '_')."""
+    return run_name.translate(_MODEL_NAME_FORBIDDEN) or "model"
+
 class Tracker:
     """Thin wrapper over MlflowClient with the project's run layout."""
 
@@ -204,7 +214,7 @@ class Tracker:
         from unlearn.model_logging import save_adapter, save_full
 
         logged = self.client.create_logged_model(
-            self.experiment_id, name=name, source_run_id=run_id,
+            self.experiment_id, name=logged_model_name(name), source_run_id=run_id,
             model_type="adapter" if self.log_models == "adapter" else task,
             tags={"unlearn.task": task, "unlearn.log_models": self.log_models})
         try:

@@ -177,8 +177,27 @@ def test_the_job_writes_a_sample_grid_per_model_to_results_and_mlflow(tiny_job):
 def test_sfr_on_makes_the_forgotten_class_fall_while_the_original_draws_it(tiny_job):
     _, _, results = tiny_job
     original, sfr_on = results["methods"]["original"], results["methods"]["sfr_on"]
-    assert original["FA"] >= 60.0
+    # the tiny 8x8 original draws rough digits: the judge reads some as unreadable (FU) rather than as a digit
+    assert original["FA"] >= 50.0
     assert sfr_on["FA"] <= original["FA"] - 40.0
+
+
+def test_the_judge_reads_noise_as_unreadable_not_as_a_digit(tiny_job):
+    """The trained judge's extra class: noise it never saw (another seed) is read as no digit, real held-out
+    images as their own digit; FA counts neither, FU reports the forgotten samples read as noise."""
+    from unlearn.evaluation.diffusion import train_judge, unreadable_images
+    from unlearn.job import prepare
+
+    _, spec, results = tiny_job
+    splits = prepare(spec).splits
+    judge = train_judge(splits, spec.seed, spec.cache_dir)  # cached by the job
+    assert judge.rejects
+    noise = torch.from_numpy(unreadable_images(splits.train.x, 200, seed=12345))
+    assert np.mean(judge.predict(noise) == splits.num_outputs) >= 0.9
+    real = judge.predict(torch.from_numpy(splits.test.x))
+    assert np.mean(real == splits.test.y) >= 0.9 and not (real == splits.num_outputs).any()
+    for metrics in results["methods"].values():
+        assert 0.0 <= metrics["FU"] <= 100.0 - metrics["FA"]
 
 
 def test_the_second_run_reuses_the_cached_original_and_judge(tiny_job, monkeypatch):

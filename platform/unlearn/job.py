@@ -35,7 +35,7 @@ from unlearn.tracking import flatten, make_tracker
 from unlearn.training import cached_original, original_request, recipe_params, save_original
 from unlearn.worker import GroupJob
 
-TABLE_COLUMNS = ("FA", "RA", "TA", "ASR", "MIA", "ULiRA_BA", "ULiRA_TPR", "gap", "KL", "FD", "id_precision",
+TABLE_COLUMNS = ("FA", "RA", "TA", "ASR", "MIA", "ULiRA_BA", "ULiRA_TPR", "gap", "KL", "FD", "FU", "id_precision",
                  "id_recall", "seconds", "speedup")
 
 

@@ -7,6 +7,7 @@ ImageNet ResNet-50 for a DiT on ImageNet classes, where training a judge is neit
 reports its accuracy on the job's held-out images (`Judge.test_accuracy`).
 
 - **FA**: percent of the images conditioned on a forgotten class that the judge assigns to it.
+- **FU**: percent of those images the judge reads as no digit at all (its *unreadable* class, below).
 - **CA**: percent of the images conditioned on a kept class that the judge assigns to that class
   (a quality check: unlearning must not break the other classes).
 - **FD**: Fréchet distance between the judge's penultimate-layer features of the generated kept-class
@@ -17,6 +18,12 @@ reports its accuracy on the job's held-out images (`Judge.test_accuracy`).
 Only classes with training images (and the forgotten ones) are sampled and judged: a dataset sized to a
 pretrained model's label space (an ImageNet subset under ImageNet's 1000 ids) has classes without images, whose
 samples no real image could be compared with.
+
+The trained judge has one class beyond the data's: *unreadable*, learnt from generated noise images (uniform,
+Gaussian, blocky and salt-and-pepper noise, as many as an average class has images). Without it a classifier must
+call every image some class, and what a forgetting method often draws for the forgotten class (noise) was read
+as one arbitrary class: on digits the judge called noise "3", so forgetting digit 3 into noise scored FA 100%.
+A judge from `eval.judge` (fixed weights) has no such class.
 
 Every model is sampled from the same starting noise (each sample's seeded by the job seed, its class and its
 index within the class), with DDIM
@@ -56,7 +63,7 @@ from unlearn.spec import CNNSpec, JobSpec, JudgeSpec, OptimizerSpec, TrainSpec
 JUDGE_MODEL = CNNSpec(channels=[32, 64, 128])
 JUDGE_TRAIN = TrainSpec(epochs=15, batch_size=64, optimizer=OptimizerSpec(name="sgd", lr=0.05, momentum=0.9,
                                                                           weight_decay=5e-4), lr_schedule="cosine")
-JUDGE_VERSION = 1  # bump when the judge's recipe or features change
+JUDGE_VERSION = 2  # bump when the judge's recipe or features change (2: the unreadable class)
 FEATURE_BATCH = 256
 
 
@@ -68,6 +75,7 @@ class Judge:
     # torchvision classifier (judges.LocalClassifier: its penultimate layer, then its fc / heads)
     model: nn.Module
     test_accuracy: float
+    rejects: bool = False  # True: its last class is "unreadable" (the trained judge), never a data class
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> np.ndarray:
@@ -103,17 +111,20 @@ def train_judge(splits: Splits, seed: int, cache_dir: str | Path) -> Judge:
     x, y = splits.train.x, splits.train.y
     input_shape = tuple(x.shape[1:])
     torch.manual_seed(seed)
-    model = build_model(JUDGE_MODEL, splits.num_outputs, input_shape)
+    model = build_model(JUDGE_MODEL, splits.num_outputs + 1, input_shape)  # + the unreadable class
     path = Path(cache_dir) / "judges" / f"{judge_key(x, y, seed)}.pt"
     if path.is_file():
         saved = torch.load(path, map_location="cpu")
         model.load_state_dict(saved["state"])
-        return Judge(model.eval(), saved["test_accuracy"])
+        return Judge(model.eval(), saved["test_accuracy"], rejects=True)
     print(f"diffusion judge: training {JUDGE_MODEL.name} on {len(y)} images ({JUDGE_TRAIN.epochs} epochs)",
           file=sys.stderr, flush=True)
-    fit_classifier(model, x, y, JUDGE_TRAIN, seed, verbose=False)
+    noise = unreadable_images(x, max(1, len(y) // max(len(np.unique(y)), 1)), seed)
+    x_fit = np.concatenate([x, noise]).astype(np.float32)
+    y_fit = np.concatenate([y, np.full(len(noise), splits.num_outputs, dtype=np.int64)])
+    fit_classifier(model, x_fit, y_fit, JUDGE_TRAIN, seed, verbose=False)
     model.eval()
-    judge = Judge(model, 0.0)
+    judge = Judge(model, 0.0, rejects=True)
     test_y = splits.test.y
     judge.test_accuracy = float(100 * np.mean(judge.predict(torch.from_numpy(splits.test.x)) == test_y)) if len(test_y) else 0.0
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +134,23 @@ def train_judge(splits: Splits, seed: int, cache_dir: str | Path) -> Judge:
     os.replace(tmp, path)
     print(f"diffusion judge: held-out accuracy {judge.test_accuracy:.1f}%", file=sys.stderr, flush=True)
     return judge
+
+
+def unreadable_images(x: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` images of no class, shaped like `x` (values in [0, 1]): a quarter each of uniform noise, Gaussian noise
+    at the data's mean and spread, blocky noise (2x2 cells) and salt-and-pepper; seeded."""
+    rng = np.random.default_rng(seed + 7919)
+    shape = (n, *x.shape[1:])
+    kind = rng.integers(0, 4, size=n)
+    mean, std = float(x.mean()), float(x.std())
+    uniform = rng.random(shape)
+    gaussian = rng.normal(mean, std, size=shape)
+    cells = rng.random((n, x.shape[1], (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2))
+    blocky = cells.repeat(2, axis=2).repeat(2, axis=3)[:, :, :x.shape[2], :x.shape[3]]
+    salt = (rng.random(shape) < 0.5).astype(np.float64)
+    pick = kind.reshape(-1, *([1] * (len(shape) - 1)))
+    out = np.where(pick == 0, uniform, np.where(pick == 1, gaussian, np.where(pick == 2, blocky, salt)))
+    return out.clip(0, 1).astype(np.float32)
 
 
 def local_judge(spec: JudgeSpec, splits: Splits, device: torch.device | str = "cpu") -> Judge:
@@ -280,6 +308,8 @@ class DiffusionEvaluator:
         metrics: dict[str, float] = {}
         if forgotten.any():
             metrics["FA"] = float(100 * np.mean(predicted[forgotten] == labels[forgotten]))
+            if self.judge.rejects:  # the trained judge's extra class: no digit at all
+                metrics["FU"] = float(100 * np.mean(predicted[forgotten] == self.num_classes))
         metrics["CA"] = float(100 * np.mean(predicted[kept] == labels[kept]))
         metrics["FD"] = frechet_distance(gaussian_stats(features), self.real_stats)
         if self.inception is not None:

@@ -207,6 +207,29 @@ def test_lora_trains_only_adapters_and_the_reference_is_the_base_without_a_copy(
     assert not torch.allclose(_logits(model, ids), before)
 
 
+def test_the_reference_of_a_ddp_wrapped_lora_model_is_its_base(tmp_path):
+    """Handed the DDP wrapper (as a training loop holds it), the reference still switches the adapters off."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ids = _batch()
+        before = _logits(_model(), ids)
+        wrapped = DistributedDataParallel(_model(lora={"r": 4, "dropout": 0.0}))
+        assert is_peft(wrapped)
+        optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=0.05)
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        assert not torch.allclose(wrapped(input_ids=ids).logits.detach(), before)
+        with frozen_reference(wrapped) as reference:
+            assert torch.allclose(reference(input_ids=ids).logits, before, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_fully_trained_model_keeps_a_frozen_copy_as_its_reference():
     ids = _batch()
     model = _model().train()

@@ -297,10 +297,17 @@ def apply_lora(model: nn.Module, lora: LoRASpec) -> nn.Module:
 
 
 def is_peft(model: nn.Module) -> bool:
-    """Whether `model` is a peft model (adapters over a frozen base). peft is only asked when already imported: a
-    model can only be one if peft made it."""
+    """Whether `model` is a peft model (adapters over a frozen base), seen through a DDP wrapper. peft is only asked
+    when already imported: a model can only be one if peft made it."""
     peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
+    return peft is not None and isinstance(_unwrap_ddp(model), peft.PeftModel)
+
+
+def _unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (FSDP2 shards in place: its model is the module)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -329,6 +336,7 @@ def frozen_reference(model: nn.Module, reference: nn.Module | None = None) -> It
     to never changes); a full `model`: `reference`, its copy from `reference_model` made before training.
 
     The student's own forward must stay outside the block (inside it, a peft model's adapters are off)."""
+    model = _unwrap_ddp(model)  # a DDP wrapper would run the adapters' forward through its own hooks
     if is_peft(model):
         target = model
     elif reference is None or reference is model:

@@ -149,13 +149,14 @@ def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None
     s = b["spec"]
     model, train = s["model"], s["train"]
     original = methods["original"]
-    rows = ["| method | FA % | CA % | FD | FD / original | seconds | speed-up vs retrain |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| method | FA % | FU % | CA % | FD | FD / original | seconds | speed-up vs retrain |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in methods.items():
         speed = f"{m['speedup']:.1f}×" if m.get("speedup") else "-"
         secs = f"{m['seconds']:.1f}" if name != "original" else f"({b['original_train_seconds']:.0f} to train)"
-        rows.append(f"| {name} | {m['FA']:.1f} | {m['CA']:.1f} | {m['FD']:.2f} | {m['FD'] / original['FD']:.2f} "
-                    f"| {secs} | {speed} |")
+        unreadable = f"{m['FU']:.1f}" if "FU" in m else "-"
+        rows.append(f"| {name} | {m['FA']:.1f} | {unreadable} | {m['CA']:.1f} | {m['FD']:.2f} "
+                    f"| {m['FD'] / original['FD']:.2f} | {secs} | {speed} |")
     params = {e.get("label") or e["name"]: e["params"] for e in s["methods"]}
     unset = {"retrain": "the original's training recipe"}  # an entry without params: what it runs with
     settings = [f"- `{name}`: " + (", ".join(f"{k} {v}" for k, v in p.items()) or unset.get(name, "its declared defaults"))
@@ -186,9 +187,10 @@ def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None
         f"Evaluation: {s['eval']['samples_per_class']} samples per class, DDIM {model['sample_steps']} steps, "
         f"classifier-free guidance {model['guidance_scale']}, the same starting noise for every model (each "
         "sample's seeded by the job seed, its class and its index). The judge "
-        f"is the platform's `cnn` trained on the same training images (held-out accuracy "
-        f"{b['judge_test_accuracy']:.1f}%). **FA**: share of the samples drawn for the forgotten digit that the "
-        "judge calls that digit; **CA**: the same for the kept digits (their own label); **FD**: Fréchet distance "
+        f"is the platform's `cnn` trained on the same training images plus generated noise images as an extra "
+        f"*unreadable* class (held-out accuracy {b['judge_test_accuracy']:.1f}%). **FA**: share of the samples drawn "
+        "for the forgotten digit that the judge calls that digit; **FU**: share of them it reads as no digit "
+        "(noise); **CA**: the same for the kept digits (their own label); **FD**: Fréchet distance "
         "between the judge's penultimate features of generated kept-digit samples and real held-out kept-digit "
         "images (no Inception weights here, so no FID). Seconds: wall-clock of the unlearning run itself.",
         "",

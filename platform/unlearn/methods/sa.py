@@ -75,7 +75,7 @@ class SelectiveAmnesia(Method):
     def setup(self, ctx: Context) -> None:
         p = self.params
         forgotten = forgotten_labels(ctx)
-        shape = ctx.original.noise_shape  # the starting noise is the denoiser's: latents for a latent pipeline
+        shape = noise_shape(ctx)
         kept = torch.tensor([c for c in range(ctx.num_classes) if c not in forgotten], dtype=torch.long)
         self.replay_x, self.replay_y = draw_from_original(ctx, kept, p.replay_per_class, shape, salt=1)
         every = torch.arange(ctx.num_classes)
@@ -100,6 +100,17 @@ class SelectiveAmnesia(Method):
         rows = torch.randint(0, len(self.replay_y), (self.params.batch_size,), generator=generator)
         mine = rows[torch.from_numpy(eval_share(len(rows), ctx.comm.world_size, ctx.comm.rank))]
         return Batch(self.replay_x[mine], self.replay_y[mine], mine.to(ctx.device))
+
+
+def noise_shape(ctx: Context) -> tuple[int, ...]:
+    """The shape of one starting noise: the denoiser's own (`noise_shape`: latents for a latent pipeline), else that
+    of one forget input (any other noise predictor works on its inputs)."""
+    shape = getattr(ctx.original, "noise_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    for batch in ctx.forget_batches():
+        return tuple(batch.x.shape[1:])
+    raise ValueError("sa: the model declares no noise_shape and this worker holds no forget rows to read it from")
 
 
 def forgotten_labels(ctx: Context) -> set[int]:

@@ -153,7 +153,8 @@ def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in methods.items():
         speed = f"{m['speedup']:.1f}×" if m.get("speedup") else "-"
-        secs = f"{m['seconds']:.1f}" if name != "original" else f"({b['original_train_seconds']:.0f} to train)"
+        secs = (f"{m['seconds']:.1f}" if name != "original" else "(cached)" if b["original_was_cached"]
+                else f"({b['original_train_seconds']:.0f} to train)")
         unreadable = f"{m['FU']:.1f}" if "FU" in m else "-"
         rows.append(f"| {name} | {m['FA']:.1f} | {unreadable} | {m['CA']:.1f} | {m['FD']:.2f} "
                     f"| {m['FD'] / original['FD']:.2f} | {secs} | {speed} |")

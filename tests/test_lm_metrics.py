@@ -19,13 +19,7 @@ from unlearn.evaluation import lm_metrics as lm
 MAX_NEW = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small workloads: one intra-op thread, so parallel test runs share the cores politely."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")

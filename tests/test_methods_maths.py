@@ -39,13 +39,7 @@ NUM_CLASSES = 5
 FEATURES = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small workloads: one intra-op thread, so parallel test runs share the cores politely."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 # --- small fixtures -------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from torch import nn
 from unlearn import methods
 from unlearn.methods.tarf import TARFParams, drop_above_otsu, label_means, otsu_threshold
 
-from test_methods_maths import frozen, make_batches, make_ctx, on_two_workers, one_thread, tiny_model  # noqa: F401 (one_thread: autouse)
+from test_methods_maths import frozen, make_batches, make_ctx, on_two_workers, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def test_paper_rule_stays_the_default():

@@ -22,13 +22,7 @@ from unlearn.methods.whole_set import flatten, unflatten
 V = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small workloads: one intra-op thread, so parallel test runs share the cores politely."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _logits(n: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -212,13 +212,22 @@ def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None
         "(256× smaller here), so a gradient-norm clip does not transfer as a number. `sfr_on` keeps every released "
         "setting but the clip (0.02 instead of 1, chosen on the DDPM job: 0.01 forgot too little, 0.05 forgot with "
         "more damage); `sfr_on-clip1` is the released clip taken literally: it forgets but hurts the kept digits."
-        + (" The DiT job carries the DDPM job's method settings over unchanged (nothing tuned on the DiT)."
+        + (" On the DiT, SFR-on's clip (0.01, 150 steps) was chosen on validation digits 2, 7, 9, each forgotten on "
+           "its own (diffusion-dit-grid.md); the other methods carry the DDPM job's settings over unchanged."
            if model["name"] == "dit" else ""),
         "- `salun` steers the forgotten label to a random other class: the prediction under the forgotten label "
         "is pulled to the detached prediction under a pseudo label (SalUn's DDPM relabelling, "
         "`unlearn.models.ddpm.pseudo_label_loss`), on the top-50% saliency mask, with the release's other settings.",
-        "- `ga` ascends the forgotten digit's noise-prediction loss without any retain term: the judge still reads "
-        "its samples of the digit as that digit at this strength, and the kept digits degrade.",
+        "- `ga` ascends the forgotten digit's noise-prediction loss without any retain term"
+        + (": the judge still reads its samples of the digit as that digit at this strength, and the kept digits "
+           "degrade." if model["name"] != "dit" else
+           ": on the DiT it forgets by breaking the model (the kept digits' CA and FD collapse)."),
+        *(["- `sa` (λ 0.1, chosen on the tests' 8x8 DDPM job, carried over) breaks the DiT: its kept digits collapse "
+           "(CA, FD) while the forgotten one turns to noise."] if model["name"] == "dit" else []),
+        *([f"- Throughput: the 1-worker timing ran beside another benchmark process on the 2 cores, so the 2-worker "
+           "speed-up above 2x is contention, not a property of sharding."]
+          if sampling and sampling["workers"]["2"]["images_per_s"] > 2.2 * sampling["workers"]["1"]["images_per_s"]
+          else []),
         f"- FD is measured on {s['eval']['samples_per_class']} samples per class (with 64, its spread over sampling "
         "seeds for the original was about ±0.05; with 32, ±0.2).",
         *[f"- {note}" for note in b.get("notes", [])],

@@ -128,6 +128,16 @@ def verdict(methods: dict) -> list[str]:
     return lines
 
 
+def describe_data(dataset: dict) -> str:
+    """The dataset in a few words."""
+    if dataset["name"] == "digits":
+        return f"scikit-learn's digits, upsampled to {dataset['resize']}x{dataset['resize']}"
+    if dataset["name"] == "synthetic":
+        return (f"the procedural synthetic set: {dataset['num_train']} training images, {dataset['image_size']}x"
+                f"{dataset['image_size']} RGB, 20 classes of 5 shape families")
+    return f"dataset `{dataset['name']}`"
+
+
 def describe_model(model: dict, parameters: int) -> str:
     """One line on the backbone the job ran."""
     if model["name"] == "dit":
@@ -170,11 +180,12 @@ def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None
                    "| workers | seconds | images/s |", "|---:|---:|---:|",
                    *[f"| {w} | {r['seconds']:.1f} | {r['images_per_s']:.1f} |" for w, r in sampling["workers"].items()],
                    ""] if sampling else [])
+    unit = "digit" if s["dataset"]["name"] == "digits" else "class"
     lines = [
-        f"# Diffusion unlearning: forget one digit of a class-conditional {'DiT' if model['name'] == 'dit' else 'DDPM'}",
+        f"# Diffusion unlearning: forget one {unit} of a class-conditional {'DiT' if model['name'] == 'dit' else 'DDPM'}",
         "",
-        f"Job `{b['job_file']}` (forget digit {', '.join(map(str, results['forget']['classes']))} of scikit-learn's digits, upsampled "
-        f"to {s['dataset']['resize']}x{s['dataset']['resize']}), run by `benchmarks/diffusion.py` on {b['machine']}, "
+        f"Job `{b['job_file']}` (forget {unit} {', '.join(map(str, results['forget']['classes']))} of "
+        f"{describe_data(s['dataset'])}), run by `benchmarks/diffusion.py` on {b['machine']}, "
         "every method in one process (`ray.enabled=false`; the Ray Train path is tested on 2 workers in "
         "tests/test_diffusion.py). Sizes: " + ", ".join(f"{k} {v}" for k, v in results["sizes"].items()) + ".",
         "",
@@ -190,9 +201,9 @@ def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None
         "sample's seeded by the job seed, its class and its index). The judge "
         f"is the platform's `cnn` trained on the same training images plus generated noise images as an extra "
         f"*unreadable* class (held-out accuracy {b['judge_test_accuracy']:.1f}%). **FA**: share of the samples drawn "
-        "for the forgotten digit that the judge calls that digit; **FU**: share of them it reads as no digit "
-        "(noise); **CA**: the same for the kept digits (their own label); **FD**: Fréchet distance "
-        "between the judge's penultimate features of generated kept-digit samples and real held-out kept-digit "
+        f"for the forgotten {unit} that the judge calls that {unit}; **FU**: share of them it reads as no {unit} "
+        f"(noise); **CA**: the same for the kept {unit}s (their own label); **FD**: Fréchet distance "
+        f"between the judge's penultimate features of generated kept-{unit} samples and real held-out kept-{unit} "
         "images (no Inception weights here, so no FID). Seconds: wall-clock of the unlearning run itself.",
         "",
         *rows,
@@ -211,19 +222,14 @@ def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None
         "- The seeds' DDPM code sums the noise-prediction error over the C·H·W pixels; ours is the per-pixel mean "
         "(256× smaller here), so a gradient-norm clip does not transfer as a number. `sfr_on` keeps every released "
         "setting but the clip (0.02 instead of 1, chosen on the DDPM job: 0.01 forgot too little, 0.05 forgot with "
-        "more damage); `sfr_on-clip1` is the released clip taken literally: it forgets but hurts the kept digits."
-        + (" On the DiT, SFR-on's clip (0.01, 150 steps) was chosen on validation digits 2, 7, 9, each forgotten on "
-           "its own (diffusion-dit-grid.md); the other methods carry the DDPM job's settings over unchanged."
+        "more damage); `sfr_on-clip1`, where a job has it, is the released clip taken literally."
+        + (" On the DiT, SFR-on's clip (0.01, 150 steps) was chosen on validation digits 2, 7, 9 of the digits job, "
+           "each forgotten on its own (diffusion-dit-grid.md); the other methods carry the DDPM job's settings over."
            if model["name"] == "dit" else ""),
         "- `salun` steers the forgotten label to a random other class: the prediction under the forgotten label "
         "is pulled to the detached prediction under a pseudo label (SalUn's DDPM relabelling, "
         "`unlearn.models.ddpm.pseudo_label_loss`), on the top-50% saliency mask, with the release's other settings.",
-        "- `ga` ascends the forgotten digit's noise-prediction loss without any retain term"
-        + (": the judge still reads its samples of the digit as that digit at this strength, and the kept digits "
-           "degrade." if model["name"] != "dit" else
-           ": on the DiT it forgets by breaking the model (the kept digits' CA and FD collapse)."),
-        *(["- `sa` (λ 0.1, chosen on the tests' 8x8 DDPM job, carried over) breaks the DiT: its kept digits collapse "
-           "(CA, FD) while the forgotten one turns to noise."] if model["name"] == "dit" else []),
+        f"- `ga` ascends the forgotten {unit}'s noise-prediction loss without any retain term.",
         *([f"- Throughput: the 1-worker timing ran beside another benchmark process on the 2 cores, so the 2-worker "
            "speed-up above 2x is contention, not a property of sharding."]
           if sampling and sampling["workers"]["2"]["images_per_s"] > 2.2 * sampling["workers"]["1"]["images_per_s"]
@@ -232,7 +238,7 @@ def write(results: dict, job_out: Path | None, out: Path, tag: str = "") -> None
         "seeds for the original was about ±0.05; with 32, ±0.2).",
         *[f"- {note}" for note in b.get("notes", [])],
         "",
-        "Sample grids (one row per digit, the forgotten row in red):",
+        f"Sample grids (one row per {unit}, the forgotten row in red):",
         "",
         *grid_lines,
         "",

@@ -44,6 +44,8 @@ def _worker(rank: int, world: int, port: int, spec, num_classes: int, state, fol
         seconds = time.perf_counter() - t0
         if rank == 0:
             torch.save({"images": everything, "seconds": seconds}, Path(folder) / f"world{world}.pt")
+        # gloo aborts a rank (SIGABRT) when its peer tears the group down while it is still finishing a collective
+        comm.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -163,7 +163,9 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_ses
     spec = spec_mod.validate(_job(tmp_path, max_concurrent=1, scheduler="fifo"))
     out = tmp_path / "out"
     watcher = _interrupt_after(out / "trials", finished=2)
-    first = run_tune(spec, method="ga", num_samples=6, out_dir=out)  # trials take seconds: keep some to interrupt
+    # trials take under a second on an idle machine: 12 leave some to interrupt (with 6, all had ended before Tune
+    # acted on the signal)
+    first = run_tune(spec, method="ga", num_samples=12, out_dir=out)
     watcher.join()
     assert first["interrupted"]
     done_before = {t["trial_id"] for t in first["trials"] if t["status"] == "completed"}
@@ -174,7 +176,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_ses
                   "--out", str(out)]) == 2  # a fresh search will not overwrite an interrupted one
 
     second = resume_tune(out)
-    assert not second["interrupted"] and len(second["trials"]) == 6
+    assert not second["interrupted"] and len(second["trials"]) == 12
     assert all(t["status"] == "completed" for t in second["trials"])
     for trial in second["trials"]:
         if trial["trial_id"] in done_before:

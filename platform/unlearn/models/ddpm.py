@@ -21,6 +21,7 @@ and the mid block only, which keeps 16x16 digits at ~1M parameters and fast on a
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from unlearn.models.latent import LatentSpace
 
 
-class ConditionalDenoiser(nn.Module):
+class ConditionalDenoiser(nn.Module, abc.ABC):
     """What the diffusion task needs of a backbone: `forward(x_noisy, t, labels)` -> predicted noise, the noise
     schedule, the null (unconditional) label id, the task's label dropout rate, `noise_shape` (what the backbone
     denoises) and the map between the task's images in [0, 1] and that space (`encode` / `decode`).
@@ -52,9 +53,10 @@ class ConditionalDenoiser(nn.Module):
         self.latent = latent  # models.latent.LatentSpace (a plain object, not a submodule) or None: pixels
 
     @property
+    @abc.abstractmethod
     def noise_shape(self) -> tuple[int, int, int]:
-        """C x H x W of what the backbone denoises (the starting noise of sampling): pixels, or latents."""
-        raise NotImplementedError
+        """C x H x W of what the backbone denoises (the starting noise of sampling): pixels, or latents; each
+        backbone reads it from its own config."""
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

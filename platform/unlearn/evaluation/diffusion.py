@@ -7,7 +7,7 @@ ImageNet ResNet-50 for a DiT on ImageNet classes, where training a judge is neit
 reports its accuracy on the job's held-out images (`Judge.test_accuracy`).
 
 - **FA**: percent of the images conditioned on a forgotten class that the judge assigns to it.
-- **FU**: percent of those images the judge reads as no digit at all (its *unreadable* class, below).
+- **FU**: percent of those images the judge reads as no class at all (its *unreadable* class, below).
 - **CA**: percent of the images conditioned on a kept class that the judge assigns to that class
   (a quality check: unlearning must not break the other classes).
 - **FD**: Fréchet distance between the judge's penultimate-layer features of the generated kept-class
@@ -125,8 +125,7 @@ def train_judge(splits: Splits, seed: int, cache_dir: str | Path) -> Judge:
     fit_classifier(model, x_fit, y_fit, JUDGE_TRAIN, seed, verbose=False)
     model.eval()
     judge = Judge(model, 0.0, rejects=True)
-    test_y = splits.test.y
-    judge.test_accuracy = float(100 * np.mean(judge.predict(torch.from_numpy(splits.test.x)) == test_y)) if len(test_y) else 0.0
+    judge.test_accuracy = held_out_accuracy(judge, splits)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -134,6 +133,13 @@ def train_judge(splits: Splits, seed: int, cache_dir: str | Path) -> Judge:
     os.replace(tmp, path)
     print(f"diffusion judge: held-out accuracy {judge.test_accuracy:.1f}%", file=sys.stderr, flush=True)
     return judge
+
+
+def held_out_accuracy(judge: Judge, splits: Splits) -> float:
+    """Percent of the job's held-out (test) images the judge reads as their own class (0 without any)."""
+    if not len(splits.test.y):
+        return 0.0
+    return float(100 * np.mean(judge.predict(torch.from_numpy(splits.test.x)) == splits.test.y))
 
 
 def unreadable_images(x: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -159,9 +165,8 @@ def local_judge(spec: JudgeSpec, splits: Splits, device: torch.device | str = "c
     from unlearn.evaluation.judges import load_classifier
 
     judge = Judge(load_classifier(spec, splits.num_outputs).to(device), 0.0)
+    judge.test_accuracy = held_out_accuracy(judge, splits)
     test_y = splits.test.y
-    if len(test_y):
-        judge.test_accuracy = float(100 * np.mean(judge.predict(torch.from_numpy(splits.test.x)) == test_y))
     print(f"diffusion judge: {spec.arch} from {spec.weights}, held-out accuracy {judge.test_accuracy:.1f}% "
           f"on {len(test_y)} images", file=sys.stderr, flush=True)
     if len(test_y) and judge.test_accuracy < 50:  # FA / CA would read noise: most likely ids that differ

@@ -23,3 +23,5 @@ LossFn = Callable[[nn.Module, Batch], torch.Tensor]  # per-sample task loss, sha
 RelabelFn = Callable[[nn.Module, Batch, torch.Tensor], torch.Tensor]
 # a generative task's sampler: (model, labels, starting noise, steps, guidance scale) -> inputs in the data's range
 SampleFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+# the rows a distillation loss scores: (logits R x K, labels R) of a batch (a classifier's samples, an LM's tokens)
+RowsFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]

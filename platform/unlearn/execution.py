@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -22,10 +22,10 @@ from unlearn.comm import Comm, LocalComm
 from unlearn.data.scenarios import Split
 from unlearn.methods import get as method_class
 from unlearn.methods.base import Context, Method
-from unlearn.models import build_model, reinitialise
+from unlearn.models import MODELS, build_model, reinitialise
 from unlearn.params import MethodParams
 from unlearn.spec import ModelSpec
-from unlearn.tasks import loss_for, relabel_for, sampler_for
+from unlearn.tasks import get_task, loss_for, relabel_for, sampler_for
 
 
 @dataclass
@@ -111,18 +111,23 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
     """
     device = torch.device(device)
     method = request.method_class(request.params)
+    family = MODELS.lookup(request.model.name) if request.model is not None else None
     module = module if module is not None else new_model(request)
-    original = copy.deepcopy(module).to(device).eval()
-    for p in original.parameters():
-        p.requires_grad_(False)
     if method.from_scratch:
-        reinitialise(module, request.seed)
+        original: nn.Module = _NoOriginal()  # nothing to compare against: the run trains from its start
+        module = fresh_start(request, module)
+    else:
+        if family is not None and family.adapt is not None and request.role == "method":
+            module = family.adapt(request.model, module)
+        original = None if family is not None and family.reference is not None else frozen_copy(module, device)
     module.to(device)
     start_step = 0
     if resume is not None:
         module.load_state_dict(resume["model"])
         start_step = int(resume["step"])
     model = wrap(module)
+    if original is None:  # the family's own frozen original, made once the engine placed the model
+        original = family.reference(model, module)
     optimizer = method.optimizer(model)
     steps = loop.total_steps(method, forget.size, retain.size, request.task)
     scheduler = loop.lr_scheduler(optimizer, method.params.lr_schedule, steps)
@@ -133,7 +138,7 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
     ctx = Context(
         model=model, module=module, original=original, optimizer=optimizer, params=method.params,
         loss=loss_for(request.task), relabel=relabel_for(request.task), sample=sampler_for(request.task),
-        task=request.task,
+        rows=get_task(request.task).rows, global_rows=get_task(request.task).global_rows, task=request.task,
         num_classes=request.num_outputs,
         forget_size=forget.size, retain_size=retain.size,
         forget_batches=forget.one_pass, retain_batches=retain.one_pass,
@@ -143,7 +148,34 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
     result = loop.run(method, ctx, forget, retain, start_step=start_step, label=request.label,
                       on_epoch=(lambda s: on_epoch(s, ctx, method)) if on_epoch else None, verbose=verbose,
                       on_tick=on_tick)
+    if family is not None and family.merge is not None:  # adapters folded back: the saved state has the model's keys
+        module = family.merge(module)
     return Executed(module, model, method, result)
+
+
+def frozen_copy(module: nn.Module, device: torch.device) -> nn.Module:
+    """A frozen copy of the model before unlearning, in eval mode: the methods' original."""
+    original = copy.deepcopy(module).to(device).eval()
+    for p in original.parameters():
+        p.requires_grad_(False)
+    return original
+
+
+def fresh_start(request: RunRequest, module: nn.Module) -> nn.Module:
+    """The starting weights of a from-scratch run (retrain, the original's training): a fresh initialisation from the
+    seed, or, for a family that fine-tunes a `path` model, that model's own weights (never re-initialised)."""
+    family = MODELS.lookup(request.model.name) if request.model is not None else None
+    if family is not None and family.fine_tunes_base and getattr(request.model, "path", None):
+        return new_model(replace(request, initial_state=None))
+    reinitialise(module, request.seed)
+    return module
+
+
+class _NoOriginal(nn.Module):
+    """The original of a from-scratch run: none (such runs never read it); calling it is a programming error."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a from-scratch run has no original model to compare against")
 
 
 class LocalExecutor:

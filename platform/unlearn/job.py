@@ -30,13 +30,15 @@ from unlearn.methods import Method, validate_methods
 from unlearn.progress import Progress
 from unlearn.resume import JobState, engine_folder, finished_on_storage, storage_for
 from unlearn.spec import ForgetSpec, JobSpec, MethodSpec, dump
-from unlearn.tasks import task_of
+from unlearn.models import MODELS
+from unlearn.tasks import get_task, task_of
 from unlearn.tracking import flatten, make_tracker
 from unlearn.training import cached_original, original_request, recipe_params, save_original
 from unlearn.worker import GroupJob
 
 TABLE_COLUMNS = ("FA", "RA", "TA", "ASR", "MIA", "ULiRA_BA", "ULiRA_TPR", "gap", "KL", "FD", "FU", "id_precision",
-                 "id_recall", "seconds", "speedup")
+                 "id_recall", "forget_quality", "model_utility", "forget_ROUGE", "retain_ROUGE", "forget_prob",
+                 "retain_prob", "privleak", "seconds", "speedup")
 
 
 @dataclass
@@ -55,6 +57,7 @@ def prepare(spec: JobSpec) -> Prepared:
     """Validate methods against the registry and build data and splits (BadInput on any problem)."""
     task = task_of(spec.model.name)
     methods = validate_methods(spec.methods, task, family=spec.model.name)
+    spec = get_task(task).bound(spec)  # e.g. a language model and its dataset agree on one tokenizer
     dataset = open_dataset(spec)
     splits = make_splits(dataset, spec.forget, spec.seed, spec.eval.validation_fraction)
     methods = [tell_target(m, entry, spec.forget, splits, f"methods.{i}") for i, (m, entry) in
@@ -160,7 +163,8 @@ def request_for(prep: Prepared, entry: MethodSpec, state: dict[str, torch.Tensor
 def build_queue(prep: Prepared) -> tuple[GroupJob, dict[str, Any]]:
     """The job's runs in order (the original when not cached, the reference, the methods) and the cache info."""
     spec, splits = prep.spec, prep.splits
-    base, info = pretrained_original(prep) if getattr(spec.model, "path", None) else cached_original(spec, splits)
+    pretrained = getattr(spec.model, "path", None) and not MODELS.lookup(spec.model.name).fine_tunes_base
+    base, info = pretrained_original(prep) if pretrained else cached_original(spec, splits)
     first = [original_request(spec, splits, prep.input_shape, prep.task)]
     if base is not None:  # the cached original is only evaluated
         first[0] = replace(first[0], role="evaluate")

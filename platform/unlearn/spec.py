@@ -74,6 +74,7 @@ DATASET_KINDS.register("cifar100", DatasetKind(needs_root=True))
 DATASET_KINDS.register("parquet", DatasetKind(needs_root=True))
 DATASET_KINDS.register("imagefolder", DatasetKind(needs_root=True))
 DATASET_KINDS.register("synthetic", DatasetKind())
+DATASET_KINDS.register("facts", DatasetKind())
 
 
 class BackdoorSpec(Strict):
@@ -83,6 +84,18 @@ class BackdoorSpec(Strict):
     fraction: float = Field(0.1, gt=0, lt=1)  # share of the other classes' training images poisoned
     patch: int = Field(3, ge=1, le=64)  # side of the square trigger, in pixels (bottom-right corner)
     value: float = Field(1.0, ge=0, le=1)  # the trigger's pixel value
+
+
+class FactsSpec(Strict):
+    """The shape of the procedurally generated `facts` QA corpus (data/facts.py); with the job's seed it fixes
+    every entity, fact and the corpus tokenizer."""
+
+    num_entities: int = Field(200, ge=2, le=1_000_000)
+    attributes: int = Field(8, ge=1, le=8)  # facts per entity (TOFU-like: 8 attribute slots)
+    phrasings: int = Field(3, ge=1, le=3)  # question wordings per fact
+    perturbed: int = Field(3, ge=1, le=8)  # wrong answers per fact (truth ratio)
+    held_out_fraction: float = Field(0.1, gt=0, lt=1)  # entities never trained: the membership non-members
+    vocab_size: int = Field(1024, ge=8, le=1_000_000)  # the corpus BPE tokenizer's target size
 
 
 class DatasetSpec(Strict):
@@ -109,6 +122,11 @@ class DatasetSpec(Strict):
     # optional resize of every image (e.g. digits 8x8 -> 16x16 for diffusion models)
     resize: int | None = Field(None, ge=4, le=512)
     backdoor: BackdoorSpec | None = None  # plant a trigger (forget kind `backdoor` then forgets the poisoned rows)
+    # facts only: the corpus shape (null: FactsSpec's defaults, 200 entities x 8 attributes x 3 phrasings)
+    facts: FactsSpec | None = None
+    # text datasets (facts): the tokenizer the QA rows are encoded with (a tokenizer.json or tokenizer folder);
+    # null: the corpus's own. A job fills it from a `model.path` model's folder (the model's own tokenizer).
+    tokenizer: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -204,8 +222,6 @@ class DiTSpec(Strict):
 
 
 # --- causal language models (unlearn.models.causal_lm) ----------------------------------------------------
-# Not a family yet: these classes join `ModelSpec` (with `@model_family` on CausalLMSpec and a MODELS line) in
-# the change that adds the LM task, since every registered family must name a task that exists.
 
 class LoRASpec(Strict):
     """Low-rank adapters (peft's LoRA) on the named modules; only the adapters train, the base stays frozen (and,
@@ -243,6 +259,7 @@ class LMConfigSpec(Strict):
         return self
 
 
+@model_family
 class CausalLMSpec(Strict):
     """Any Hugging Face causal LM from a local folder (`path`, loaded with local_files_only: nothing is
     downloaded), or one built from `config`; optionally with LoRA adapters."""
@@ -288,11 +305,15 @@ class TrainSpec(Strict):
 
 class ForgetSpec(Strict):
     kind: Literal["class", "random", "concept", "backdoor"]
+    # kind class: the classes to forget, or `fraction` of all classes drawn at random from the seed (TOFU's
+    # forget01 / 05 / 10 over the facts entities; the draws of one seed are nested)
     classes: list[int] | None = None
     fraction: float | None = Field(None, gt=0, lt=1)
     mismatch: Literal["all_matched", "target", "model", "data"] = "all_matched"
-    target: int | None = Field(None, ge=0)
+    target: int | str | None = None  # a class or superclass id, or its name (e.g. a facts category)
     given: list[int] | None = None
+    # concept: hand over this seeded share of the target's classes (at least one) instead of listing `given`
+    given_fraction: float | None = Field(None, gt=0, le=1)
     # What the methods are told about a concept target: false, only the forget set (the given classes); true,
     # methods that can use it (CURE's gsr/ghr/grogu: `mask_classes`) are handed the whole concept's classes.
     # A method entry's own `concept_known` overrides it (one table can show both).
@@ -300,7 +321,10 @@ class ForgetSpec(Strict):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "ForgetSpec":
-        if self.kind == "class":
+        if self.kind == "class" and self.fraction is not None:
+            if self.classes is not None:
+                raise ValueError("forget: give classes or fraction for kind 'class', not both")
+        elif self.kind == "class":
             if not self.classes:
                 raise ValueError("forget.classes must list at least one class for kind 'class' (empty forget set)")
             if len(set(self.classes)) != len(self.classes):
@@ -309,6 +333,10 @@ class ForgetSpec(Strict):
             raise ValueError("forget.fraction is required for kind 'random' (a number in (0, 1))")
         if self.kind == "concept" and self.target is None:
             raise ValueError("forget.target is required for kind 'concept'")
+        if isinstance(self.target, int) and self.target < 0:
+            raise ValueError("forget.target must be >= 0")
+        if self.given is not None and self.given_fraction is not None:
+            raise ValueError("forget: give `given` or `given_fraction`, not both")
         return self
 
 

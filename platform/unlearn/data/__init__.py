@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from unlearn.data import cifar, digits, imagefolder, parquet, synthetic
+from unlearn.data import cifar, digits, facts_rows, imagefolder, parquet, synthetic
 from unlearn.data.base import ImageDataset, resize
 from unlearn.data.store import RowStore, open_store
 from unlearn.spec import DatasetSpec, Registry
@@ -26,6 +26,7 @@ DATASETS.register("cifar10", lambda spec, seed, cache: cifar.load_cifar(spec.roo
 DATASETS.register("cifar100", lambda spec, seed, cache: cifar.load_cifar(spec.root, spec.name))
 DATASETS.register("parquet", lambda spec, seed, cache: parquet.load_parquet(spec, seed))
 DATASETS.register("imagefolder", lambda spec, seed, cache: imagefolder.load_imagefolder(spec, seed))
+DATASETS.register("facts", lambda spec, seed, cache: facts_rows.load_facts_dataset(spec, seed, cache))
 DATASETS.register("synthetic", lambda spec, seed, cache: synthetic.load_synthetic(
     spec.num_train, spec.num_test, spec.image_size, seed, cache / "data"))
 

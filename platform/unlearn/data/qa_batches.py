@@ -142,6 +142,38 @@ class QABatch:
         return positions.masked_fill(self.attention_mask == 0, 1)
 
 
+# --- rows that travel as float32 "images" (data/facts_rows.py) -----------------------------------------------
+
+EXACT_BELOW = 2 ** 24  # float32 holds every integer below this exactly
+
+
+def pack_rows(batch: QABatch, length: int | None = None) -> "np.ndarray":
+    """float32 N x 3 x 1 x L: input ids, labels, attention mask of each row, right-padded to `length` (pad id 0,
+    labels IGNORE_INDEX, mask 0). The row store and streams carry it as they carry images; `unpack_rows` undoes it."""
+    import numpy as np
+
+    n, width = batch.input_ids.shape
+    length = width if length is None else length
+    if length < width:
+        raise ValueError(f"pack_rows: rows are {width} tokens, longer than length {length}")
+    if n and int(batch.input_ids.max()) >= EXACT_BELOW:
+        raise BadInput(f"a token id is {EXACT_BELOW} or more: rows travel as float32, which would round it")
+    out = np.zeros((n, 3, 1, length), dtype=np.float32)
+    out[:, 1, 0, :] = IGNORE_INDEX
+    out[:, 0, 0, :width] = batch.input_ids.numpy()
+    out[:, 1, 0, :width] = batch.labels.numpy()
+    out[:, 2, 0, :width] = batch.attention_mask.numpy()
+    return out
+
+
+def unpack_rows(x: torch.Tensor) -> QABatch:
+    """The QABatch of packed rows (N x 3 x 1 x L float32, on any device), without the columns that are padding in
+    every row (a batch of short pairs costs its own length)."""
+    ids = x[:, :, 0, :].round().long()
+    batch = QABatch(ids[:, 0], ids[:, 2], ids[:, 1])
+    return batch.rows(0, len(batch)) if len(batch) else batch
+
+
 def _split_answer(question_ids: list[int], joint_ids: list[int]) -> tuple[list[int], list[int]]:
     """(question part, answer part) of a joint encoding: the question part is the longest common prefix with the
     question's own encoding (all of it unless the tokenizer merged across the boundary)."""

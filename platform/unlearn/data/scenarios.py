@@ -196,6 +196,9 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int, validation_fracti
         level, labels_train, labels_test, n_out = "superclass", sup_train, sup_test, ds.num_superclasses
 
     if spec.kind == "class":
+        if spec.fraction is not None:  # a seeded share of the classes (TOFU's forget01 / 05 / 10 over entities)
+            describe["fraction"] = spec.fraction
+            spec = spec.model_copy(update={"classes": drawn_classes(cls_train, ds.num_classes, spec.fraction, seed)})
         _check_classes(ds, spec.classes, "forget.classes")
         # A dataset may have classes without images (imagefolder sized to a pretrained model's classes): none of
         # them can be forgotten, the methods would be handed nothing of it while FA still read its samples.
@@ -221,7 +224,7 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int, validation_fracti
         target_labels = []
         describe.update(fraction=spec.fraction, seed=seed)
     else:
-        given, target_train, target_test, target_labels = _concept(ds, spec, cls_train, cls_test, describe)
+        given, target_train, target_test, target_labels = _concept(ds, spec, cls_train, cls_test, describe, seed)
 
     if not given.any():
         raise SpecError("forget", "the forget set is empty (no training sample matches the forget spec)")
@@ -245,6 +248,18 @@ def make_splits(ds: ImageDataset, spec: ForgetSpec, seed: int, validation_fracti
     if len(np.unique(splits.retain.y)) < 2 and n_out > 1:
         raise SpecError("forget", "fewer than two labels remain after forgetting: nothing meaningful to retain")
     return splits
+
+
+def drawn_classes(cls_train: np.ndarray, num_classes: int, fraction: float, seed: int) -> list[int]:
+    """`fraction` of all classes (at least one), drawn from those with training rows: one seeded permutation cut
+    at the count, so the draws of one seed are nested (TOFU's forget01 inside forget05 inside forget10; TOFU
+    counts the share on every entity, held-out ones included, as this does on every class)."""
+    count = max(1, int(round(fraction * num_classes)))
+    trained = np.unique(cls_train)
+    if count >= len(trained):
+        raise SpecError("forget.fraction", f"{fraction} of {num_classes} classes ({count}) leaves no class with "
+                                           f"training rows to retain ({len(trained)} have some)")
+    return sorted(int(c) for c in np.random.default_rng([seed, 0xF0E7]).permutation(trained)[:count])
 
 
 def _backdoor_forget(ds: Any, spec: ForgetSpec, seed: int, describe: dict[str, Any]) -> np.ndarray:
@@ -277,10 +292,23 @@ def _triggered(ds: Any, test_rows: Rows, labels_test: np.ndarray, held_out: np.n
                  TriggeredRows(test_rows, trigger["patch"], trigger["value"]), name="triggered")
 
 
+def _target_id(ds: Any, spec: ForgetSpec) -> int:
+    """The concept target's id; a name is looked up among the superclass names (target / data mismatch) or the
+    class names (all_matched / model)."""
+    if not isinstance(spec.target, str):
+        return int(spec.target)
+    names = ds.superclass_names if spec.mismatch in ("target", "data") else ds.class_names
+    if spec.target not in names:
+        level = "superclass" if spec.mismatch in ("target", "data") else "class"
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise SpecError("forget.target", f"{level} {spec.target!r} is not in dataset '{ds.name}' ({shown})")
+    return names.index(spec.target)
+
+
 def _concept(ds: ImageDataset, spec: ForgetSpec, cls_train: np.ndarray, cls_test: np.ndarray,
-             describe: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+             describe: dict[str, Any], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """(given mask, target mask train, target mask test, target labels) of a concept scenario."""
-    t = spec.target
+    t = _target_id(ds, spec)
     describe.update(mismatch=spec.mismatch, target=t)
     if spec.mismatch in ("all_matched", "model"):
         _check_classes(ds, [t], "forget.target")
@@ -292,6 +320,10 @@ def _concept(ds: ImageDataset, spec: ForgetSpec, cls_train: np.ndarray, cls_test
             raise SpecError("forget.target", f"superclass {t} is not in dataset '{ds.name}' (superclasses are 0..{ds.num_superclasses - 1})")
         target_classes = ds.classes_of(t)
         given_classes = spec.given or target_classes[:1]
+    if spec.given_fraction is not None:  # a seeded share of the concept's classes (with training rows)
+        members = [c for c in target_classes if np.any(cls_train == c)]
+        count = max(1, int(round(spec.given_fraction * len(members))))
+        given_classes = sorted(int(c) for c in np.random.default_rng([seed, 0xC0C]).permutation(members)[:count])
         target_labels = target_classes if spec.mismatch == "target" else [t]
     _check_classes(ds, given_classes, "forget.given")
     outside = sorted(set(given_classes) - set(target_classes))

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unlearn.batch import Batch, LossFn, RelabelFn, SampleFn  # re-exported: methods import Batch from here
+from unlearn.batch import Batch, LossFn, RelabelFn, RowsFn, SampleFn  # re-exported: methods import Batch from here
 from unlearn.comm import Comm, LocalComm
 from unlearn.params import MethodParams
 
@@ -48,12 +48,33 @@ class Context:
     resume_method_state: dict | None = None  # the method's own state from a checkpoint, if resuming
     relabel: RelabelFn | None = None  # the task's own relabelling loss; None: the task loss under the new labels
     sample: SampleFn | None = None  # generative tasks: the task's sampler (model, labels, noise, steps, guidance)
+    rows: RowsFn | None = None  # the task's scored rows (see `scored_rows`)
+    global_rows: bool = False  # the task's rows fall unevenly over workers: `row_mean` uses the global count
 
     def relabel_loss(self, model: nn.Module, batch: Batch, labels: torch.Tensor) -> torch.Tensor:
         """Per-sample loss that teaches `model` the given labels for the batch's inputs."""
         if self.relabel is not None:
             return self.relabel(model, batch, labels)
         return self.loss(model, Batch(batch.x, labels, batch.index))
+
+    def scored_rows(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits R x K, labels R) of what a distillation loss scores: a classifier's samples (logits over
+        classes), a language model's answer tokens (next-token logits over the vocabulary, the true next token)."""
+        if self.rows is None:
+            raise ValueError(f"the {self.task} task has no scored rows")
+        return self.rows(model, batch)
+
+    def row_mean(self, total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+        """The per-worker loss of a sum over this worker's `count` rows: its mean. Where rows fall unevenly over
+        workers (answer tokens), `total * world / global count`: once DDP averages the gradients, the step follows
+        the mean over every row of the global batch, exactly what one process computes."""
+        if not self.global_rows:
+            return total / max(int(count), 1)
+        from unlearn.methods.token_losses import token_mean
+
+        counted = torch.as_tensor(count, dtype=torch.float64, device=total.device).reshape(1).clone()
+        global_count = self.comm.all_reduce(counted)[0]
+        return token_mean(total, count, global_count, self.comm.world_size)
 
     def log(self, **values: float) -> None:
         """Record values (besides the returned losses) for this step's log line."""

@@ -17,7 +17,7 @@ class FT(Method):
     name = "ft"
     uses = frozenset({"retain"})
     primary = "retain"
-    tasks = frozenset({"classification", "diffusion"})
+    tasks = frozenset({"classification", "diffusion", "language_modelling"})
     Params = FTParams
     paper = "Warnecke et al. 2023; settings as Jia et al. 2023 (l1-sparse)"
     summary = "fine-tune on the retain set"

@@ -20,7 +20,7 @@ class GAParams(ForgetBatchParams):
 class GA(Method):
     name = "ga"
     uses = frozenset({"forget"})
-    tasks = frozenset({"classification", "diffusion"})
+    tasks = frozenset({"classification", "diffusion", "language_modelling"})
     Params = GAParams
     paper = "Thudi et al. 2022 (gradient ascent)"
     summary = "gradient ascent on the forget set"

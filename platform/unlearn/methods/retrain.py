@@ -21,7 +21,7 @@ class Retrain(Method):
     primary = "retain"
     from_scratch = True
     reference = True
-    tasks = frozenset({"classification", "diffusion"})
+    tasks = frozenset({"classification", "diffusion", "language_modelling"})
     Params = RetrainParams
     paper = "reference: retrain from scratch on D_r (every seed paper)"
     summary = "train from scratch on the retain set with the original recipe"

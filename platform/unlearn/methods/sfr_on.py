@@ -101,7 +101,7 @@ class SFRon(Method):
     name = "sfr_on"
     uses = frozenset({"forget", "retain"})
     primary = "retain"
-    tasks = frozenset({"classification", "diffusion"})
+    tasks = frozenset({"classification", "diffusion", "language_modelling"})
     Params = SFRonParams
     paper = (f"{SFR_PAPER}; classification defaults from the CIFAR-10 release scaled to small data; "
              "DDPM release: Adam lr 1e-4, clip 1, 150 iterations, forget weight 10")

@@ -169,7 +169,7 @@ class TARF(Method):
     name = "tarf"
     uses = frozenset({"forget", "retain"})
     primary = "retain"
-    tasks = frozenset({"classification", "diffusion"})
+    tasks = frozenset({"classification", "diffusion", "language_modelling"})
     Params = TARFParams
     paper = TARF_PAPER
     summary = "annealed ascent on the forget data, then retaining only the samples it did not disturb"

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from unlearn.models import classifiers, ddpm, dit
+from unlearn.models import causal_lm, classifiers, ddpm, dit
 from unlearn.spec import ModelSpec, Registry
 
 
@@ -24,6 +24,18 @@ class ModelFamily:
 
     build: Callable[[Any, int, tuple[int, ...]], nn.Module]  # (its spec section, outputs, C x H x W)
     task: str
+    # Hooks of families whose unlearning runs differ from their training (None: the model as built):
+    # `adapt(spec, module)` wraps a method run's model (e.g. LoRA adapters: only they train), `merge(module)`
+    # folds them back before the weights are saved (so every saved state has the built model's keys), and
+    # `reference(model, module)` gives the frozen original the methods compare against, after the engine wrapped
+    # the model (a sharded copy, or the base with its adapters off) instead of a full copy per worker.
+    adapt: Callable[[Any, nn.Module], nn.Module] | None = None
+    merge: Callable[[nn.Module], nn.Module] | None = None
+    reference: Callable[[nn.Module, nn.Module], nn.Module] | None = None
+    # True: a `path` model is the base every run starts from: the original is the base trained on all training
+    # data, retrain the base trained on the retain data (never re-initialised). False: a `path` model is the
+    # original itself, and retrain starts from a fresh initialisation.
+    fine_tunes_base: bool = False
 
 
 MODELS: Registry[ModelFamily] = Registry("model", "model.name")
@@ -32,6 +44,9 @@ MODELS.register("cnn", ModelFamily(classifiers.build_cnn, task="classification")
 MODELS.register("resnet18", ModelFamily(classifiers.build_resnet18, task="classification"))
 MODELS.register("ddpm", ModelFamily(ddpm.build_ddpm, task="diffusion"))
 MODELS.register("dit", ModelFamily(dit.build_dit, task="diffusion"))
+MODELS.register("causal_lm", ModelFamily(causal_lm.build_for_job, task="language_modelling", adapt=causal_lm.adapt,
+                                         merge=causal_lm.merge_adapters, reference=causal_lm.frozen_original,
+                                         fine_tunes_base=True))
 
 
 def build_model(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:

@@ -121,9 +121,17 @@ def check_causal_lm(spec: CausalLMSpec) -> None:
 
 def load_tokenizer(spec: CausalLMSpec) -> "PreTrainedTokenizerBase":
     """The spec's tokenizer (see `tokenizer_location`), always with a pad token (batches of unequal lengths)."""
+    return tokenizer_at(tokenizer_location(spec), "model.tokenizer")
+
+
+def tokenizer_at(where: Path, field: str = "tokenizer") -> "PreTrainedTokenizerBase":
+    """The tokenizer in `where` (a tokenizer.json file or a tokenizer folder), with a pad token; BadInput naming
+    `field` when it cannot be read."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    where = tokenizer_location(spec)
+    where = Path(where).expanduser()
+    if not where.exists():
+        raise BadInput(f"{field}: no such file or folder: {where}")
     bare = where / "tokenizer.json" if where.is_dir() and _only_tokenizer_json(where) else where
     try:
         if bare.is_file():
@@ -131,7 +139,7 @@ def load_tokenizer(spec: CausalLMSpec) -> "PreTrainedTokenizerBase":
         else:
             tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True)
     except Exception as err:  # tokenizers and transformers raise OSError, ValueError, Exception... for bad files
-        raise BadInput(f"model.tokenizer: cannot load a tokenizer from {where}: {_one_line(err)}") from None
+        raise BadInput(f"{field}: cannot load a tokenizer from {where}: {_one_line(err)}") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of the loss and attention, so any existing token serves; a new one
         # would grow the vocabulary past a pretrained model's embedding.
@@ -239,6 +247,58 @@ def build_causal_lm(spec: CausalLMSpec, vocab_size: int | None = None) -> nn.Mod
     if spec.activation_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def build_for_job(spec: CausalLMSpec, num_outputs: int = 0, input_shape: tuple[int, ...] = ()) -> nn.Module:
+    """The model family's builder (`unlearn.models.MODELS`): the spec's model with its tokenizer's vocabulary and
+    WITHOUT adapters. A job's original and retrain train every weight; `adapt` adds the LoRA adapters to the method
+    runs only, and `merge_adapters` folds them back, so every saved state has this model's keys. (`num_outputs`
+    and `input_shape` are the dataset's labels and packed rows: a language model's outputs are its vocabulary.)"""
+    vocab = len(load_tokenizer(spec)) if (spec.path is not None or spec.tokenizer is not None) else None
+    return build_causal_lm(spec.model_copy(update={"lora": None}), vocab_size=vocab)
+
+
+def adapt(spec: CausalLMSpec, model: nn.Module) -> nn.Module:
+    """A method run's model: with the spec's LoRA adapters (zero-initialised: it computes what `model` did), else
+    `model` itself."""
+    if spec.lora is None:
+        return model
+    model = apply_lora(model, spec.lora)
+    if spec.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """The model with any LoRA adapters folded into its weights (peft's merge_and_unload): the built model again."""
+    return model.merge_and_unload() if is_peft(model) else model
+
+
+class AdaptersOff(nn.Module):
+    """The frozen original of a LoRA run without a copy: the student's own modules with the adapters disabled,
+    without gradients, in eval mode (`frozen_reference`). The student is held outside the module tree, so this
+    module has no parameters of its own and is never saved or moved."""
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self._student = (student,)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with frozen_reference(self._student[0]) as reference:
+            return reference(*args, **kwargs)
+
+
+def frozen_original(model: nn.Module, module: nn.Module) -> nn.Module:
+    """The frozen original the methods compare against, once the engine wrapped `module` into `model`: under LoRA
+    the base with its adapters off (no copy); under FSDP a copy sharded like the student (`lm_sharding`); else a
+    frozen full copy (one process, DDP)."""
+    if is_peft(module):
+        return AdaptersOff(module)
+    from unlearn.lm_sharding import frozen_reference_sharded, is_fully_sharded
+
+    if is_fully_sharded(model):
+        return frozen_reference_sharded(model)
+    return reference_model(module)
 
 
 # --- LoRA ----------------------------------------------------------------------------------------------------

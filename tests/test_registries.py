@@ -85,9 +85,12 @@ def test_every_model_family_declares_a_registered_task_and_every_task_has_an_eva
 
 
 def test_the_model_spec_is_the_union_of_the_registered_family_classes():
-    assert MODEL_SPECS == {"mlp": MLPSpec, "cnn": CNNSpec, "resnet18": ResNet18Spec, "ddpm": DDPMSpec, "dit": DiTSpec}
+    from unlearn.spec import CausalLMSpec
+
+    assert MODEL_SPECS == {"mlp": MLPSpec, "cnn": CNNSpec, "resnet18": ResNet18Spec, "ddpm": DDPMSpec, "dit": DiTSpec,
+                           "causal_lm": CausalLMSpec}
     for name, cls in MODEL_SPECS.items():
-        assert cls().name == name
+        assert cls.model_fields["name"].default == name
 
 
 # --- tasks ----------------------------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def test_a_task_bundles_its_loss_relabelling_and_evaluator_and_is_frozen():
 def test_task_of_reads_the_task_each_model_family_declares(monkeypatch):
     assert {name: task_of(name) for name in MODELS} == {"mlp": "classification", "cnn": "classification",
                                                         "resnet18": "classification", "ddpm": "diffusion",
-                                                        "dit": "diffusion"}
+                                                        "dit": "diffusion", "causal_lm": "language_modelling"}
     monkeypatch.setitem(MODELS, "toy_lm", ModelFamily(build=lambda spec, n, shape: torch.nn.Identity(),
                                                       task="language_modelling"))
     assert task_of("toy_lm") == "language_modelling"
@@ -186,8 +189,8 @@ def test_a_dataset_that_reads_files_needs_a_root():
 # --- the spec -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model, line", [
-    ({"name": "vit"}, "model.name: unknown model 'vit'; registered: 'cnn', 'ddpm', 'dit', 'mlp', 'resnet18'"),
-    ({"hidden": [8]}, "model.name: required; registered: 'cnn', 'ddpm', 'dit', 'mlp', 'resnet18'"),
+    ({"name": "vit"}, "model.name: unknown model 'vit'; registered: 'causal_lm', 'cnn', 'ddpm', 'dit', 'mlp', 'resnet18'"),
+    ({"hidden": [8]}, "model.name: required; registered: 'causal_lm', 'cnn', 'ddpm', 'dit', 'mlp', 'resnet18'"),
     ({"name": "cnn", "hidden": [8]}, "model.hidden: unknown key; cnn takes: channels, dropout"),
     ({"name": "mlp", "layers_per_block": 2}, "model.layers_per_block: unknown key; mlp takes: hidden, dropout"),
     ({"name": "resnet18", "dropout": 0.1}, "model.dropout: unknown key; resnet18 takes: only name"),
@@ -211,7 +214,7 @@ def test_an_unknown_dataset_is_one_line_naming_the_field():
     with pytest.raises(SpecError) as bad:
         spec_mod.validate(data)
     assert str(bad.value) == ("dataset.name: unknown dataset 'mnist'; "
-                              "registered: 'cifar10', 'cifar100', 'digits', 'imagefolder', 'parquet', 'synthetic'")
+                              "registered: 'cifar10', 'cifar100', 'digits', 'facts', 'imagefolder', 'parquet', 'synthetic'")
 
 
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])

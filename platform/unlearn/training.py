@@ -40,7 +40,9 @@ def original_key(spec: JobSpec, splits: Splits) -> str:
     # Unset (None) fields are left out, so adding an optional spec field later keeps every cached original
     # (a field set to a value still changes the key).
     payload = {"dataset": spec.dataset.model_dump(mode="json", exclude_none=True), "label_level": splits.label_level,
-               "model": spec.model.model_dump(mode="json", exclude_none=True),
+               # LoRA adapters join method runs only (a causal LM's original trains every weight): one original
+               # serves a job with and without them
+               "model": spec.model.model_dump(mode="json", exclude_none=True, exclude={"lora"}),
                "train": spec.train.model_dump(mode="json", exclude_none=True),
                "seed": spec.seed, "version": CACHE_VERSION, "n_train": len(splits.train)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

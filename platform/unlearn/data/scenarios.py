@@ -262,6 +262,19 @@ def drawn_classes(cls_train: np.ndarray, num_classes: int, fraction: float, seed
     return sorted(int(c) for c in np.random.default_rng([seed, 0xF0E7]).permutation(trained)[:count])
 
 
+def validation_classes(splits: Splits, num_classes: int, fraction: float, seed: int) -> list[int]:
+    """A forget set of OTHER classes to tune on (`fraction` of all classes, counted as `drawn_classes` counts):
+    drawn from the classes of the retain split, so the job's target concept (its forget set included) is in none
+    of it and nothing a search selects has read the reported forget set. Tune on
+    `forget: {kind: class, classes: <these>}`; the job's own forget classes are then retained data there."""
+    count = max(1, int(round(fraction * num_classes)))
+    kept = np.unique(splits.retain.y)
+    if count >= len(kept):
+        raise SpecError("forget.fraction", f"a validation forget set of {count} classes leaves none of the "
+                                           f"{len(kept)} retained classes to retain")
+    return sorted(int(c) for c in np.random.default_rng([seed, 0x5A11D]).permutation(kept)[:count])
+
+
 def _backdoor_forget(ds: Any, spec: ForgetSpec, seed: int, describe: dict[str, Any]) -> np.ndarray:
     """The poisoned training rows handed to the methods: all of them, or a seeded `fraction` of them."""
     from unlearn.data.backdoor import backdoor_of
@@ -320,11 +333,11 @@ def _concept(ds: ImageDataset, spec: ForgetSpec, cls_train: np.ndarray, cls_test
             raise SpecError("forget.target", f"superclass {t} is not in dataset '{ds.name}' (superclasses are 0..{ds.num_superclasses - 1})")
         target_classes = ds.classes_of(t)
         given_classes = spec.given or target_classes[:1]
+        target_labels = target_classes if spec.mismatch == "target" else [t]
     if spec.given_fraction is not None:  # a seeded share of the concept's classes (with training rows)
         members = [c for c in target_classes if np.any(cls_train == c)]
         count = max(1, int(round(spec.given_fraction * len(members))))
         given_classes = sorted(int(c) for c in np.random.default_rng([seed, 0xC0C]).permutation(members)[:count])
-        target_labels = target_classes if spec.mismatch == "target" else [t]
     _check_classes(ds, given_classes, "forget.given")
     outside = sorted(set(given_classes) - set(target_classes))
     if outside:

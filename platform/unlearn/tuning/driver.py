@@ -212,7 +212,7 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
     from ray import tune
 
     from unlearn.atomic import write_json_atomic
-    from unlearn.evaluation import ClassificationEvaluator
+    from unlearn.evaluation import ClassificationEvaluator, build_evaluator
     from unlearn.execution import new_model
     from unlearn.faults import armed_env
     from unlearn.job import prepare
@@ -228,9 +228,13 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
         prep = replace(prep, splits=prep.splits.for_tuning())
         executor = _LazyExecutor(spec)
         weights, _ = original_model(spec, prep.splits, prep.input_shape, executor, prep.task)
-        evaluator = ClassificationEvaluator(prep.splits, mia=spec.eval.mia, seed=spec.seed)
+        classifier = prep.task == "classification"
+        # classifiers: scored on the driver and by each trial's workers from the splits; other tasks (language
+        # models): the task's evaluator, built here once and shipped to every trial's workers
+        evaluator = (ClassificationEvaluator(prep.splits, mia=spec.eval.mia, seed=spec.seed) if classifier
+                     else build_evaluator(prep.task, prep.splits, spec, prep.dataset))
         original_metrics, original_out = evaluator.evaluate(new_model(replace(original_request(spec, prep.splits, prep.input_shape, prep.task), initial_state=weights)))
-        targets = proxy_targets(prep.splits, original_metrics, original_out, spec.seed)
+        targets = proxy_targets(prep.splits, original_metrics, original_out, spec.seed) if classifier else None
         references: dict[str, dict[str, float]] = {"original": {**original_metrics,
                                                                 "proxy": proxy_objective(original_metrics, targets)}}
         reference = None
@@ -248,6 +252,7 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
         shared = Shared(prep=replace(prep, dataset=None, methods=[]), state=weights, method=plan.method,
                         fixed=plan.fixed, reports=spec.tune.reports, mia=spec.eval.mia, seed=spec.seed,
                         targets=targets, reference=reference, out_dir=str(out_dir.resolve()),
+                        evaluator=None if classifier else evaluator,
                         ray_spec=None if plan.in_process else spec.ray,
                         failure_value=PENALTY if spec.tune.mode == "min" else 0.0, capture=tuple(capture),
                         fail=armed_env())
@@ -280,7 +285,8 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
             "in_process": plan.in_process, "max_concurrent": max_concurrent, "reports": spec.tune.reports,
             "space": {k: d.describe() for k, d in plan.space.items()}, "fixed": plan.fixed,
             "defaults": {k: _plain(v) for k, v in plan.defaults.items()},
-            "proxy_targets": {k: getattr(targets, k) for k in ("FA", "RA", "TA", "MIA", "labels_leave")},
+            "proxy_targets": {k: getattr(targets, k) for k in ("FA", "RA", "TA", "MIA", "labels_leave")}
+            if targets is not None else None,
             "reference": references,
             "splits": SELECTED_ON | {"validation_rows": len(prep.splits.validation),
                                      "validation_fraction": spec.eval.validation_fraction},

@@ -49,8 +49,11 @@ def proxy_targets(splits, metrics: dict[str, float], out, seed: int = 0) -> Prox
                         labels_leave=leave)
 
 
-def proxy_objective(metrics: dict[str, float], targets: ProxyTargets) -> float:
-    """Retrain-free objective: mean(|FA−FA*|, max(0, RA₀−RA), max(0, TA₀−TA), |MIA−MIA*|)."""
+def proxy_objective(metrics: dict[str, float], targets: ProxyTargets | None) -> float:
+    """Retrain-free objective: mean(|FA−FA*|, max(0, RA₀−RA), max(0, TA₀−TA), |MIA−MIA*|); NaN without targets
+    (a task the proxy does not score: language models are searched on gap)."""
+    if targets is None:
+        return float("nan")
     terms = [abs(metrics["FA"] - targets.FA), max(0.0, targets.RA - metrics["RA"]), max(0.0, targets.TA - metrics["TA"])]
     if targets.MIA is not None and metrics.get("MIA") is not None and math.isfinite(metrics["MIA"]):
         terms.append(abs(metrics["MIA"] - targets.MIA))

@@ -188,8 +188,11 @@ def plan_search(spec: JobSpec, method: str | None = None, num_samples: int | Non
     if name == "retrain":
         raise SpecError(where, "retrain is the reference every Gap is measured to; tune an unlearning method")
     task = task_of(spec.model.name)
-    if task != "classification":
-        raise SpecError("model.name", f"unlearn tune searches classification models (got {spec.model.name!r})")
+    if task == "diffusion":
+        raise SpecError("model.name", f"unlearn tune searches classifiers and language models (got {spec.model.name!r})")
+    if task != "classification" and spec.tune.metric == "proxy":
+        raise SpecError("tune.metric", f"the retrain-free proxy scores classifiers; a {task} search needs "
+                                       "metric gap (against retrain)")
     if task not in REGISTRY[name].tasks:
         raise SpecError(where, f"method {name!r} does not support {task} models")
     if num_samples is not None and num_samples < 1:

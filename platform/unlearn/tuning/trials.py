@@ -33,13 +33,14 @@ class Shared:
     reports: int
     mia: bool
     seed: int
-    targets: ProxyTargets
+    targets: ProxyTargets | None  # None: a task the proxy does not score (language models)
     reference: tuple[dict[str, float], Any] | None  # retrain's (metrics, outputs) for metric gap
     out_dir: str
     ray_spec: Any | None = None  # RaySpec for engine trials, None for in-process ones
     failure_value: float = PENALTY
     capture: tuple[str, ...] = ()  # method attributes a trial writes with its result (tests compare them)
     fail: dict[str, str] | None = None  # test-only failure injection armed on the driver (faults.py)
+    evaluator: Any = None  # a task evaluator run by the trials' workers (language models); None: classifiers
 
 
 def report_index(epoch: int, epochs: int, reports: int) -> int:
@@ -69,7 +70,8 @@ class TrialReports:
         if self.shared.reference is not None:
             from unlearn.evaluation import versus_reference
 
-            metrics.update(versus_reference(metrics, out, *self.shared.reference))
+            compare = self.shared.evaluator.compare if self.shared.evaluator is not None else versus_reference
+            metrics.update(compare(metrics, out, *self.shared.reference))
         else:
             metrics.update(gap=float("nan"), KL=float("nan"))
         metrics["proxy"] = proxy_objective(metrics, self.shared.targets)
@@ -133,8 +135,10 @@ def trial_job(shared: Shared, config: dict[str, Any], trial_id: str):
     splits = shared.prep.splits
     entry = MethodSpec(name=shared.method, params={**shared.fixed, **config})
     request = request_for(shared.prep, entry, None)
-    return GroupJob(requests=[request], base_state=shared.state,
-                    eval_splits={"target": splits.target, "retain": splits.retain, "test": splits.test},
+    classifier = shared.evaluator is None
+    return GroupJob(requests=[request], base_state=shared.state, evaluator=shared.evaluator,
+                    eval_splits={"target": splits.target, "retain": splits.retain, "test": splits.test}
+                    if classifier else None,
                     mia=shared.mia, seed=shared.seed, storage=str(Path(shared.out_dir) / TRIALS_DIR / trial_id),
                     capture=shared.capture, epoch_metrics=TrialReports(shared))
 

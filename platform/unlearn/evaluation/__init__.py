@@ -16,6 +16,7 @@ from torch import nn
 from unlearn.data.base import ImageDataset
 from unlearn.data.scenarios import Splits
 from unlearn.evaluation.diffusion import DiffusionEvaluator
+from unlearn.evaluation.language_modelling import LanguageModellingEvaluator
 from unlearn.errors import DivergedError
 from unlearn.evaluation.metrics import accuracy_from_probs, gap, kl_divergence, non_finite_outputs, probabilities
 from unlearn.evaluation.mia import mia_efficacy
@@ -101,6 +102,7 @@ EvaluatorFactory = Callable[[Splits, JobSpec, ImageDataset], Evaluator]
 EVALUATORS: Registry[EvaluatorFactory] = Registry("evaluator", "task")
 EVALUATORS.register("classification", ClassificationEvaluator.for_job)
 EVALUATORS.register("diffusion", DiffusionEvaluator)
+EVALUATORS.register("language_modelling", LanguageModellingEvaluator)
 
 
 def build_evaluator(task: str, splits: Splits, spec: JobSpec, dataset: ImageDataset) -> Evaluator:

@@ -166,11 +166,11 @@ def test_metrics_and_the_model_against_itself(local):
     assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "forget_truth_ratio")
     assert len(out.forget_truth_ratio) == len(out.forget_min_k) == 72 and len(out.answers) == 20
     evaluator = LanguageModellingEvaluator.__new__(LanguageModellingEvaluator)  # compare needs no data
-    assert evaluator.compare(metrics, out, metrics, out) == {"forget_quality": 1.0, "privleak": 0.0}
+    assert evaluator.compare(metrics, out, metrics, out) == {"forget_quality": 1.0, "privleak": 0.0, "gap": 0.0}
     assert evaluator.compare(metrics, None, metrics, out) == {}
     # the original (untrained here) against a "retrain" (fitted): both numbers, forget quality below 1
     other = evaluator.compare(*local["untrained"], *local["fitted"])
-    assert set(other) == {"forget_quality", "privleak"} and other["forget_quality"] < 1.0
+    assert set(other) == {"forget_quality", "privleak", "gap"} and other["forget_quality"] < 1.0 and other["gap"] > 5
 
 
 def test_per_row_scores_are_lm_metrics(evaluator, models, local):

@@ -325,15 +325,19 @@ class Recorder:
         evaluator = self.task_evaluator
         ok = {name: m for name, m in self.results.items() if "error" not in m}
         ref = ok.get(reference) if reference else None
+        compared: dict[str, set[str]] = {name: set() for name in ok}  # what each run's MLflow run gets now
         for name, m in ok.items():
             if ref is not None:
                 compare = evaluator.compare if evaluator is not None else _versus_reference
-                m.update(compare(m, self.outputs[name], ref, self.outputs[reference]))
+                versus = compare(m, self.outputs[name], ref, self.outputs[reference])
+                m.update(versus)
+                compared[name].update(versus)
             if ref is not None and name not in ("original", reference) and m["seconds"] > 0:
                 m["speedup"] = ref["seconds"] / m["seconds"]
+                compared[name].add("speedup")
         for name, run_id in self.run_ids.items():
             if name in ok:
-                self.tracker.metrics(run_id, {k: v for k, v in ok[name].items() if k in ("gap", "KL", "speedup")})
+                self.tracker.metrics(run_id, {k: v for k, v in ok[name].items() if k in compared[name]})
 
 
 def _versus_reference(metrics: dict, out: Any, ref_metrics: dict, ref_out: Any) -> dict[str, float]:

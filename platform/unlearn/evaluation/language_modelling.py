@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import ks_2samp
 from torch import nn
 
 from unlearn.comm import Comm, LocalComm
@@ -66,6 +67,8 @@ MAX_RETAIN = 400  # retain rows evaluated at most (a seeded subset): model utili
 SAMPLE_ANSWERS = 20  # forget rows whose greedy answers go to the run's CSV artifact (the first ones in row order)
 EXTRA_NEW_TOKENS = 2  # greedy answers may run this many tokens past the longest reference answer (and its <eos>)
 SIDES = ("forget", "retain", "held_out")
+# the metrics `compare`'s gap measures the distance to the reference on (fractions in [0, 1])
+GAP_TERMS = ("forget_prob", "forget_ROUGE", "retain_prob", "retain_ROUGE", "mia_auc")
 # per-row columns gathered across ranks (NaN where a side does not compute one)
 PROB, MIN_K, TRUTH, ROUGE = range(4)
 
@@ -300,16 +303,26 @@ class LanguageModellingEvaluator:
 
     def compare(self, metrics: dict[str, float], out: LMOutputs | None, ref_metrics: dict[str, float],
                 ref_out: LMOutputs | None) -> dict[str, float]:
-        """Forget quality (KS p-value of the forget truth ratios vs the reference's) and PrivLeak (vs the
-        reference's Min-K% AUC); nothing where either side's outputs are missing."""
+        """Forget quality (KS p-value of the forget truth ratios vs the reference's), PrivLeak (vs the reference's
+        Min-K% AUC) and `gap`; nothing where either side's outputs are missing.
+
+        `gap` is the language-model counterpart of the classifiers' Avg.D, in percent: the mean absolute distance
+        to the reference over forget and retain answer probability and ROUGE-L, the membership AUC, and the KS
+        statistic D of the forget truth ratios (the distance whose p-value is forget quality; D is smooth where the
+        p-value saturates). 0 = indistinguishable from retrain on every count; what `unlearn tune` minimises."""
         if out is None or ref_out is None:
             return {}
         result = {}
+        distances = [abs(metrics[k] - ref_metrics[k]) for k in GAP_TERMS
+                     if np.isfinite(metrics.get(k, np.nan)) and np.isfinite(ref_metrics.get(k, np.nan))]
         if len(out.forget_truth_ratio) and len(ref_out.forget_truth_ratio):
             result["forget_quality"] = lm.forget_quality(out.forget_truth_ratio, ref_out.forget_truth_ratio)
+            distances.append(float(ks_2samp(out.forget_truth_ratio, ref_out.forget_truth_ratio).statistic))
         auc_model, auc_ref = metrics.get("mia_auc"), ref_metrics.get("mia_auc")
         if auc_model is not None and auc_ref is not None and np.isfinite(auc_model) and np.isfinite(auc_ref):
             result["privleak"] = lm.privleak(auc_model, auc_ref)
+        if distances:
+            result["gap"] = 100.0 * float(np.mean(distances))
         return result
 
     def artifacts(self, model: nn.Module, name: str, folder: Path, out: LMOutputs | None = None) -> list[Path]:

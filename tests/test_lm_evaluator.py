@@ -160,7 +160,7 @@ def test_registered_for_the_task_and_light_to_pickle(prep, evaluator, local):
 
 def test_metrics_and_the_model_against_itself(local):
     metrics, out = local["fitted"]
-    assert set(metrics) == {"forget_prob", "retain_prob", "held_out_prob", "forget_ROUGE", "retain_ROUGE",
+    assert set(metrics) == {"forget_prob", "retain_prob", "held_out_prob", "forget_ROUGE", "retain_ROUGE", "held_out_ROUGE",
                             "forget_truth_ratio", "model_utility", "mia_auc"}
     assert all(isinstance(v, float) and np.isfinite(v) for v in metrics.values())
     assert all(0.0 <= metrics[k] <= 1.0 for k in metrics if k != "forget_truth_ratio")

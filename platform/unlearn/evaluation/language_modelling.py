@@ -6,7 +6,8 @@ What is reported (definitions in lm_metrics.py and METHODS.md, "Language models"
   training QA row of the forgotten entities or category) and on the retain side (training rows outside the target).
 - `held_out_prob`: the same on the held-out rows (never-trained entities), from the forward pass the attack needs
   anyway: about what a retrained model's forget_prob comes to, a retrain-free target for the forget side.
-- `forget_ROUGE`, `retain_ROUGE`: mean ROUGE-L recall of the greedy answer against the reference answer.
+- `forget_ROUGE`, `retain_ROUGE`, `held_out_ROUGE`: mean ROUGE-L recall of the greedy answer against the reference
+  answer (held-out: people never trained, how well retrain answers the forget people).
 - `forget_truth_ratio`: mean over the forget questions of the truth ratio (perturbed answers over the paraphrased
   one, geometric mean over the perturbed answers as lm_metrics.truth_ratio): below 1 while the model still prefers
   the true answer, about 1 once it cannot tell. (open-unlearning's forget "Truth Ratio" row aggregates the same
@@ -168,7 +169,7 @@ class LanguageModellingEvaluator:
             mine = {side: self._share(len(self.sides[side]), comm) for side in SIDES}
             local = self._teacher_forced(model, tok, mine, comm, model_device, where)
             tokens = {}
-            for side in ("forget", "retain"):
+            for side in SIDES:  # held-out ROUGE: how well a model answers people it never saw (retrain's forget)
                 answers, tokens[side] = self._greedy(model, tok, side, mine[side], comm, where)
                 refs = [self.sides[side].answer[i] for i in mine[side]]
                 local[side][:, ROUGE] = lm.rouge_l_recall(answers, refs) if refs else np.zeros(0)
@@ -235,9 +236,9 @@ class LanguageModellingEvaluator:
         return local
 
     def _max_new_tokens(self, tok: Any) -> int:
-        """The longest reference answer (forget and retain sides, tokens plus its <eos>) and a little room: the
+        """The longest reference answer (of every side, tokens plus its <eos>) and a little room: the
         same on every rank, since every rank holds every side's texts."""
-        answers = self.sides["forget"].answer + self.sides["retain"].answer
+        answers = [a for side in SIDES for a in self.sides[side].answer]
         longest = max((len(ids) for ids in tok.encode_many(answers)), default=0)
         return longest + 1 + EXTRA_NEW_TOKENS
 
@@ -291,6 +292,7 @@ class LanguageModellingEvaluator:
             "forget_prob": mean(forget[:, PROB]), "retain_prob": mean(retain[:, PROB]),
             "held_out_prob": mean(held_out[:, PROB]),  # free (the attack's forward): what retrain's forget_prob nears
             "forget_ROUGE": mean(forget[:, ROUGE]), "retain_ROUGE": mean(retain[:, ROUGE]),
+            "held_out_ROUGE": mean(held_out[:, ROUGE]),
             "forget_truth_ratio": mean(forget[:, TRUTH]),
             "model_utility": lm.model_utility(retain[:, PROB], retain[:, ROUGE], retain[:, TRUTH])
             if len(retain) else float("nan"),

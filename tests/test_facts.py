@@ -1,15 +1,14 @@
-"""The `facts` corpus: deterministic TOFU-like QA data, its cache and tokenizer, and its entity-level forget sets."""
+"""The `facts` corpus: deterministic TOFU-like QA data, its cache and tokenizer. (Its forget sets are the job's
+forget scenarios: tests/test_lm_job_inputs.py.)"""
 
 from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import pytest
 
 from unlearn.data import facts
-from unlearn.data.facts import (ATTRIBUTE_KINDS, CATEGORIES, SLOTS, FactsConfig, forget_entities, generate_facts,
-                                load_facts, validation_entities)
+from unlearn.data.facts import ATTRIBUTE_KINDS, CATEGORIES, SLOTS, FactsConfig, generate_facts, load_facts
 from unlearn.errors import BadInput
 
 CONFIG = FactsConfig()  # the scale the LM task uses: 200 entities x 8 attributes x 3 phrasings
@@ -141,64 +140,3 @@ def test_tokenizer_round_trips_every_string_without_unk(cached):
     row = cached.qa.slice(0, 1).to_pylist()[0]
     joined = tokenizer.encode(f"{row['question']} {row['answer']}").ids
     assert joined == tokenizer.encode(row["question"]).ids + tokenizer.encode(row["answer"]).ids
-
-
-def test_random_forget_counts_as_tofu_and_nests(corpus):
-    trained, held = corpus.entity_ids(held_out=False), corpus.entity_ids(held_out=True)
-    splits = {f: forget_entities(corpus, "random", fraction=f, seed=0) for f in (0.01, 0.05, 0.10)}
-    assert [len(s.forget) for s in splits.values()] == [2, 10, 20]  # forget01/05/10 of 200 entities
-    for s in splits.values():
-        assert np.array_equal(s.target, s.forget) and np.array_equal(s.held_out, held)
-        assert np.array_equal(np.union1d(s.forget, s.retain), trained)
-        assert not np.intersect1d(s.forget, s.retain).size and not np.isin(held, s.forget).any()
-        assert np.all(np.diff(s.forget) > 0) and np.all(np.diff(s.retain) > 0)
-    assert np.isin(splits[0.01].forget, splits[0.05].forget).all()
-    assert np.isin(splits[0.05].forget, splits[0.10].forget).all()
-    assert not np.array_equal(forget_entities(corpus, "random", fraction=0.1, seed=1).forget, splits[0.10].forget)
-    assert len(forget_entities(corpus, "random", fraction=0.001, seed=0).forget) == 1
-
-
-def test_category_forget_covers_the_category_and_given_hands_over_part(corpus):
-    trained = corpus.entity_ids(held_out=False)
-    painters = trained[corpus.category_ids()[trained] == CATEGORIES.index("painter")]
-    whole = forget_entities(corpus, "category", categories=[CATEGORIES.index("painter")], seed=0)
-    assert np.array_equal(whole.forget, painters) and np.array_equal(whole.target, painters)
-    assert np.array_equal(whole.retain, np.setdiff1d(trained, painters))
-    assert np.array_equal(whole.remain, whole.retain)
-    by_name = forget_entities(corpus, "category", categories=["painter"], seed=0)
-    assert np.array_equal(by_name.forget, whole.forget)
-
-    part = forget_entities(corpus, "category", categories=["painter"], given=0.25, seed=0)
-    assert np.array_equal(part.target, painters) and len(part.forget) == round(0.25 * len(painters))
-    assert np.isin(part.forget, painters).all()
-    assert np.array_equal(part.retain, whole.retain)  # the rest of the concept is not retained...
-    assert np.array_equal(part.remain, np.setdiff1d(trained, part.forget))  # ...but the methods may read it
-    assert not np.isin(part.held_out, part.target).any()
-
-    two = forget_entities(corpus, "category", categories=[0, 4], given=0.5, seed=0)
-    assert set(corpus.category_ids()[two.forget]) == {0, 4}
-
-
-def test_unknown_category_and_bad_arguments_are_bad_input(corpus):
-    with pytest.raises(BadInput, match="category 7 does not exist"):
-        forget_entities(corpus, "category", categories=[7], seed=0)
-    with pytest.raises(BadInput, match="'poet' does not exist"):
-        forget_entities(corpus, "category", categories=["poet"], seed=0)
-    for bad in (dict(kind="random", fraction=0.0), dict(kind="random", fraction=0.95),
-                dict(kind="category", categories=[0], given=0.0), dict(kind="category", categories=list(range(5))),
-                dict(kind="class", fraction=0.1)):
-        with pytest.raises(BadInput):
-            forget_entities(corpus, seed=0, **bad)
-
-
-def test_validation_split_draws_other_entities(corpus):
-    split = forget_entities(corpus, "random", fraction=0.10, seed=0)
-    validation = validation_entities(split, 0.10, seed=0)
-    assert len(validation.forget) == 20 and np.isin(validation.forget, split.retain).all()
-    assert not np.intersect1d(validation.forget, split.target).size
-    assert not np.intersect1d(validation.retain, split.target).size
-    assert not np.intersect1d(validation.retain, validation.forget).size
-    assert np.array_equal(np.union1d(validation.forget, validation.retain), split.retain)
-    assert np.array_equal(validation.held_out, split.held_out)
-    concept = forget_entities(corpus, "category", categories=["writer"], given=0.5, seed=0)
-    assert not np.isin(validation_entities(concept, 0.05, seed=0).forget, concept.target).any()

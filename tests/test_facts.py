@@ -82,8 +82,9 @@ def test_paraphrase_and_perturbed_answers(corpus):
         assert r["answer"] in kind.values
         assert r["paraphrase"] != r["answer"] and r["answer"] in r["paraphrase"]
         assert len(r["perturbed"]) == CONFIG.perturbed == len(set(r["perturbed"]))
-        assert r["answer"] not in r["perturbed"]
-        assert all(p in kind.values for p in r["perturbed"])  # wrong answers of the same attribute kind
+        assert r["paraphrase"] not in r["perturbed"]
+        # wrong answers of the same attribute kind, worded like the paraphrase
+        assert all(p in {facts._paraphrase(kind, v) for v in kind.values if v != r["answer"]} for p in r["perturbed"])
     city = next(r for r in corpus.qa.to_pylist() if r["attribute"] == "birth_city")
     assert city["paraphrase"] == f"the city of {city['answer']}"
 

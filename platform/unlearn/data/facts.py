@@ -4,7 +4,8 @@ What it is. `num_entities` fictitious people (names built from syllables, unique
 (writer, painter, scientist, athlete, musician: the superclass level), each with `attributes` facts asked by
 templated questions in `phrasings` wordings. Every answer is a few words (a city, a year, a colour, a title...)
 and comes with a paraphrase (a real rephrasing: "Lisbon" -> "the city of Lisbon", "1962" -> "the year 1962")
-and `perturbed` wrong answers of the same attribute kind, all distinct from it: what TOFU's truth ratio and
+and `perturbed` wrong answers of the same attribute kind, all distinct from it and worded like the paraphrase
+("the city of Oslo"), as TOFU perturbs its paraphrased answers: what TOFU's truth ratio and
 answer probability read. A `held_out_fraction` of the entities (at least one, spread over the categories) is
 never trained: the membership-inference non-members (PrivLeak, Min-K%). What is asked and answered (categories,
 templates, value pools, paraphrases) is data/facts_vocabulary.py; this module draws, tokenises and caches.
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 
 # Bump when anything the corpus or its tokenizer is made from changes (facts_vocabulary's templates and pools,
 # names, tokenizer recipe): the cache key depends on it, so an old cache is never read as the new corpus.
-VERSION = 1
+VERSION = 2  # 2: perturbed answers worded like the paraphrase
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 TOKENIZER_FILE = "tokenizer.json"
@@ -232,7 +233,9 @@ def generate_facts(config: FactsConfig, seed: int) -> FactsCorpus:
             kind = slot[category]
             answer = kind.values[rng.integers(len(kind.values))]
             others = [v for v in kind.values if v != answer]
-            perturbed = [others[i] for i in rng.choice(len(others), config.perturbed, replace=False)]
+            # worded as the paraphrase is ("the city of Oslo" beside "the city of Lisbon"), as TOFU perturbs its
+            # paraphrased answer: the truth ratio then compares like with like, not a bare word with a phrase
+            perturbed = [_paraphrase(kind, others[i]) for i in rng.choice(len(others), config.perturbed, replace=False)]
             for phrasing in range(config.phrasings):  # the first `phrasings` wordings: the same ones for every fact
                 rows["entity_id"].append(entity)
                 rows["attribute"].append(kind.name)

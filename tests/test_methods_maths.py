@@ -32,7 +32,7 @@ from unlearn.methods.tarf import drop_top_scores
 from unlearn.methods.whole_set import fisher_diagonal, flatten, mean_gradient
 from unlearn.params import MethodParams, bounds, field_doc
 from unlearn.spec import ForgetSpec, MLPSpec
-from unlearn.tasks import classification_loss
+from unlearn.tasks import classification_loss, classification_rows
 from unlearn.training import empty_split
 
 NUM_CLASSES = 5
@@ -66,7 +66,7 @@ def make_ctx(method: methods.Method, model: nn.Module, original: nn.Module, forg
     """A one-process context over given batch lists (the shard of one simulated worker)."""
     optimizer = build_optimizer(model.parameters(), method.params)
     ctx = Context(model=model, module=model, original=original, optimizer=optimizer, params=method.params,
-                  loss=classification_loss, task="classification", num_classes=NUM_CLASSES,
+                  loss=classification_loss, rows=classification_rows, task="classification", num_classes=NUM_CLASSES,
                   forget_size=sum(len(b.y) for b in forget), retain_size=sum(len(b.y) for b in retain),
                   forget_batches=lambda: iter(forget), retain_batches=lambda: iter(retain), total_steps=total_steps)
     if comm is not None:
@@ -500,7 +500,7 @@ def test_every_method_declares_valid_defaults_and_where_they_come_from(name):
     params = cls.Params.model_validate({})
     assert cls.name == name and cls.paper and cls.summary
     assert cls.uses and cls.uses <= {"forget", "retain"}
-    assert cls.tasks and cls.tasks <= {"classification", "diffusion"}
+    assert cls.tasks and cls.tasks <= {"classification", "diffusion", "language_modelling"}
     assert cls.primary in ("forget", "retain")
     assert methods.build(name, {}).params == params
     for field_name, field in cls.Params.model_fields.items():

@@ -65,5 +65,6 @@ def validate_methods(method_specs: list[Any], task: str, family: str | None = No
 
 # One import per method module: each registers itself.
 from unlearn.methods import retrain, ft, ga, rl, l1_sparse, salun, scrub, bs, iu, delete, ghr, gsr, grogu, sfr_on, tarf, sa  # noqa: E402,F401
+from unlearn.methods import grad_diff, npo, simnpo, rmu  # noqa: E402,F401  (language models only)
 
 __all__ = ["REGISTRY", "register", "get", "build", "validate_methods", "Batch", "Context", "Method"]

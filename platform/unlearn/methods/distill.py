@@ -2,6 +2,13 @@
 
 The teacher is always `ctx.original` (θ0, frozen, eval mode); targets are built from its logits
 with some classes masked out, and the student is pulled towards them.
+
+The losses score rows (`ctx.scored_rows`): a classifier's samples (logits over classes, the label), or a
+language model's answer tokens (next-token logits over the vocabulary, the true next token). On a classifier
+the forgotten classes are one mask for every row (the forget set's labels, `forgotten_classes`); on a language
+model each row forgets its own next token (`own_label_mask`), the token-level DELETE / GSR of
+`token_losses`. Losses are summed over rows and divided by `ctx.row_mean` (the global row count where rows fall
+unevenly over workers; on a classifier the batch size, today's batch mean).
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn.errors import SpecError
-from unlearn.methods.base import Context
+from unlearn.methods.base import Batch, Context
 
 MASKED_LOGIT = -1e10  # DELETE's release: the masked logit's value (softmax gives it exactly 0)
 
@@ -22,10 +29,39 @@ def teacher_logits(ctx: Context, x: torch.Tensor) -> torch.Tensor:
         return ctx.original(x)
 
 
-def kl_to_teacher(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher ‖ softmax(student / T)), mean over the batch, × T² (Hinton et al.'s gradient scale)."""
+def teacher_rows(ctx: Context, batch: Batch) -> torch.Tensor:
+    """The frozen original's scored rows (R x K) of a batch, without a graph (`ctx.scored_rows`' logits)."""
+    with torch.no_grad():
+        return ctx.scored_rows(ctx.original, batch)[0]
+
+
+def student_teacher_rows(ctx: Context, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(student rows R x K with a graph, teacher rows R x K without, row labels R) of a batch.
+
+    The student's forward comes first: under LoRA the teacher is the student with its adapters switched off,
+    which must not happen while the student's own forward runs (its graph is kept either way)."""
+    student, labels = ctx.scored_rows(ctx.model, batch)
+    return student, teacher_rows(ctx, batch), labels
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float,
+                  reduction: str = "batchmean") -> torch.Tensor:
+    """KL(teacher ‖ softmax(student / T)), mean over the batch (or "sum" over rows), × T² (Hinton et al.'s
+    gradient scale)."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)
-    return F.kl_div(log_student, teacher_probs, reduction="batchmean") * temperature**2
+    return F.kl_div(log_student, teacher_probs, reduction=reduction) * temperature**2
+
+
+def token_rows(ctx: Context) -> bool:
+    """Whether the task's rows are a language model's answer tokens (each forgets its own next token) rather
+    than a classifier's samples (all forget the forget set's classes)."""
+    return ctx.task == "language_modelling"
+
+
+def own_label_mask(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Bool mask (R, K) true at each row's own label: on a language model, the next token to forget at each answer
+    position, the per-row counterpart of a classifier's (K,) class mask (both broadcast against R x K rows)."""
+    return torch.zeros(rows.shape, dtype=torch.bool, device=rows.device).scatter_(1, labels[:, None], True)
 
 
 def forgotten_classes(ctx: Context, extra: list[int] | None) -> torch.Tensor:

@@ -10,9 +10,10 @@ splits from labels and row ids, workers read their own rows (shards.py) and eval
 the driver, polling the queue, writes that run's MLflow run as it finishes.
 
 Per worker, `group_loop` is plain PyTorch plus three marked Ray steps: (1) its rank and device from Ray
-Train, (2) `prepare_model` (DDP, or FSDP with `ray.strategy: fsdp`) in `Wrapper`, (3) `ray.train.report`
-with a group checkpoint in `GroupReporter` (checkpoints.py: which runs are done, the running run's state),
-at most every UNLEARN_REPORT_EVERY_S seconds (default 5) and after each run. `FailureConfig` restarts a
+Train, (2) `prepare_model` (DDP, or FSDP with `ray.strategy: fsdp`) in `Wrapper` (causal LMs: `lm_sharding`'s
+DDP or FSDP2), (3) `ray.train.report` with a group checkpoint in `GroupReporter` (checkpoints.py: which runs
+are done, the running run's state; under FSDP2 each rank's shards), at most every UNLEARN_REPORT_EVERY_S
+seconds (default 5) and after each run. `FailureConfig` restarts a
 group that lost a worker; it asks the queue for its run again and resumes it from the checkpoint's step.
 A run that fails by itself (a NaN loss, a bad parameter) is recorded as failed and the queue goes on
 (a group of several workers restarts once for it: its other workers may be waiting in a collective).
@@ -39,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from unlearn.checkpoints import AttemptLog, GroupCheckpoint, full_state, write_checkpoint
+from unlearn.checkpoints import AttemptLog, GroupCheckpoint, full_state, is_fully_sharded, write_checkpoint
 from unlearn.execution import RunOutput, RunRequest, output_from_record
 from unlearn.faults import armed_env, maybe_fail
 from unlearn.resume import STORAGE_ENV
@@ -222,6 +223,8 @@ def group_loop(config: dict[str, Any]) -> None:
 
     quiet_worker_logs()
     job: GroupJob = ray.get(config["job"])
+    if any(is_causal_lm(r) for r in job.requests):
+        return_freed_memory()  # before the model is built: FSDP frees a gathered layer per unit and step
     context = ray.train.get_context()  # (1) rank and device from Ray Train
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -297,6 +300,16 @@ class Wrapper:
     may run a different number of batches per worker). When the workers' slices of a batch differ in
     size, each worker's loss is weighted by its slice's share (through its output's gradient). Ray's prepare_model
     allows FSDP on GPUs only; on CPU workers the engine wraps with torch's FullyShardedDataParallel (gloo).
+
+    Causal LMs (the model family's task is language modelling) are wrapped by `lm_sharding.wrap_causal_lm`
+    instead: DDP (under LoRA only the adapters require grad, so only they are all-reduced), or FSDP2 for
+    `ray.strategy: fsdp` (`fully_shard` per decoder layer, then the root; a peft LoRA model is sharded alike,
+    frozen base weights included), whose checkpoints are each rank's shards (checkpoints.py). On GPUs FSDP2
+    gathers parameters in bf16 and reduces gradients in fp32 (the weights stay in their dtype); DDP computes in
+    the weights' dtype (the step loop has no autocast). No share weighting: a causal LM's output is not a
+    tensor, so the classifier hook never applied to it; token losses are normalised by the global token count
+    (`Context.row_mean`), while a per-sequence `.mean()` loss (ft, ga, retrain) equals one process's only where
+    the workers' slices of each batch have equal rows (a global batch the worker count divides).
     """
 
     def __init__(self, strategy: str, device: torch.device, comm: Any) -> None:
@@ -308,6 +321,12 @@ class Wrapper:
         from unlearn.norm_sync import sync_norm_stats
 
         world = self.comm.world_size
+        if is_causal_lm(request):
+            if world == 1:  # nothing to share or reduce
+                return module.to(self.device)
+            from unlearn.lm_sharding import wrap_causal_lm
+
+            return wrap_causal_lm(module, self.strategy, self.device, mixed_precision=self.device.type == "cuda")
         if world > 1:
             module = sync_norm_stats(module, self.comm)
         if self.strategy == "fsdp" and self.device.type == "cpu" and world > 1:
@@ -320,6 +339,43 @@ class Wrapper:
         kwargs = {"forward_sync_buffers": False} if self.strategy == "ddp" else {"use_orig_params": True}
         return ray.train.torch.prepare_model(module, move_to_device=self.device, parallel_strategy=self.strategy,
                                              parallel_strategy_kwargs=kwargs)
+
+
+def is_causal_lm(request: RunRequest) -> bool:
+    """Whether the request's model is a causal LM (its family serves the language-modelling task)."""
+    from unlearn.models import MODELS
+
+    return request.model is not None and MODELS.lookup(request.model.name).task == "language_modelling"
+
+
+MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def return_freed_memory() -> bool:
+    """Have glibc serve blocks of 1 MiB and more by mmap from now on, so that freed ones go back to the system.
+
+    glibc's threshold for mmap rises (up to 32 MiB) each time an mmap-ed block is freed, after which blocks that
+    size come from the heap and stay resident once freed; FSDP allocates and frees a gathered layer per unit and
+    step, so a worker's resident memory grew by layers it had already freed (benchmarks/results/llm-memory.md,
+    benchmarks/llm_memory.py). `mallopt(M_MMAP_THRESHOLD)` is what MALLOC_MMAP_THRESHOLD_ sets at process start
+    (a fixed threshold, no longer raised), applied here because Ray starts the worker process before the engine
+    runs. A MALLOC_MMAP_THRESHOLD_ set by the user is left as it is. False where it was not applied (set by the
+    user, not glibc)."""
+    if os.environ.get(MMAP_THRESHOLD_ENV):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to set
+        return False
+    if applied:  # the worker's own subprocesses start with the same setting
+        os.environ[MMAP_THRESHOLD_ENV] = str(MMAP_THRESHOLD)
+    return applied
 
 
 def _weight_by_share(module: torch.nn.Module, scale: float) -> None:
@@ -337,8 +393,10 @@ class GroupReporter:
     """`ray.train.report` with a group checkpoint: per epoch (at most every `report_every_s`) and after each run.
 
     Every rank reports (a report is a barrier); rank 0 writes the checkpoint (under FSDP each rank adds its
-    optimizer shard) and decides whether an epoch is reported, broadcasting it so that all agree. In a Tune
-    trial (`job.epoch_metrics`) the due reports carry the trial's evaluation for the scheduler.
+    optimizer shard; under FSDP2 each rank writes its shards of the model and optimizer, and rank 0 the rest) and
+    decides whether an epoch is reported, broadcasting it so that all agree. Ray Train copies every rank's folder
+    into the one checkpoint (the ranks' files have distinct names) and registers it once every rank has reported.
+    In a Tune trial (`job.epoch_metrics`) the due reports carry the trial's evaluation for the scheduler.
     """
 
     def __init__(self, job: GroupJob, config: dict[str, Any], rank: int, device: torch.device,
@@ -364,14 +422,17 @@ class GroupReporter:
             if not ctx.comm.broadcast(due, src=0).item():
                 return
         self.last = time.monotonic()
-        model_state = full_state(ctx.model, ctx.module, self.strategy) if self.rank == 0 or self.strategy == "fsdp" else None
+        # FSDP2 (causal LMs): no full state, each rank writes its own shards (write_checkpoint); FSDP1: a collective
+        model_state = None if is_fully_sharded(ctx.model) else \
+            full_state(ctx.model, ctx.module, self.strategy) if self.rank == 0 or self.strategy == "fsdp" else None
         metrics = {"run": request.label, "epoch": summary.epoch, "step": summary.step,
                    **{f"loss.{k}": v for k, v in summary.losses.items()}, **self.last_metrics}
         progress = {"done": self.done_labels, "running": request.label, "step": summary.step}
         self._report(metrics, progress, (model_state, ctx, method, summary.step))
         if self.rank == 0:  # the record says a checkpoint of this step was handed to Ray Train
             self.attempts.write({"event": "checkpoint", "label": request.label, "group": self.group, "rank": 0,
-                                 "pid": os.getpid(), "step": summary.step, "time": time.time()})
+                                 "pid": os.getpid(), "step": summary.step, "time": time.time(),
+                                 "sharded": is_fully_sharded(ctx.model)})
 
     def done(self, request: RunRequest) -> None:
         self.done_labels.append(request.label)

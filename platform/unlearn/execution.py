@@ -106,8 +106,9 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
     """Build model, optimizer and context for a request and run the step loop.
 
     `wrap` is the engine's hook (DDP/FSDP); `on_tick` gets the loop's progress records; `resume` is a checkpoint dict
-    {"model", "optimizer", "scheduler", "method", "step"} to continue from; `module` replaces the
-    model the request would build (callers that already hold one).
+    {"model", "optimizer", "scheduler", "method", "step"} to continue from (a sharded one, FSDP2: "sharded" names
+    the folder of the model's and optimizer's shards, read once the model is wrapped, and "model" is None);
+    `module` replaces the model the request would build (callers that already hold one).
     """
     device = torch.device(device)
     method = request.method_class(request.params)
@@ -121,18 +122,25 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
             module = family.adapt(request.model, module)
         original = None if family is not None and family.reference is not None else frozen_copy(module, device)
     module.to(device)
-    start_step = 0
-    if resume is not None:
-        module.load_state_dict(resume["model"])
-        start_step = int(resume["step"])
+    start_step = int(resume["step"]) if resume is not None else 0
+    weights = resume.get("model") if resume is not None else None
+    if weights is not None and original is not None:
+        module.load_state_dict(weights)
     model = wrap(module)
-    if original is None:  # the family's own frozen original, made once the engine placed the model
-        original = family.reference(model, module)
+    if original is None:  # the family's own frozen original, made once the engine placed the model, from the
+        original = family.reference(model, module)  # run's starting weights: a resumed run's go in after it
+        if weights is not None:
+            module.load_state_dict(weights)
     optimizer = method.optimizer(model)
     steps = loop.total_steps(method, forget.size, retain.size, request.task)
     scheduler = loop.lr_scheduler(optimizer, method.params.lr_schedule, steps)
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("sharded"):  # FSDP2: each rank reads its shards of the weights and the optimizer state
+            from unlearn.lm_sharding import load_sharded
+
+            load_sharded(model, optimizer, resume["sharded"])
+        else:
+            optimizer.load_state_dict(resume["optimizer"])
         if scheduler is not None and resume.get("scheduler"):
             scheduler.load_state_dict(resume["scheduler"])
     ctx = Context(

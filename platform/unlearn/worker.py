@@ -179,7 +179,7 @@ def _run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dic
                   on_epoch=on_epoch, resume=resume, verbose=env.verbose and env.rank == 0, module=module,
                   on_tick=(lambda record: env.progress({**record, "group": env.group}))
                   if env.progress is not None and env.rank == 0 else None)
-    metrics, outputs = evaluator.evaluate(run.module) if evaluator is not None else (None, None)
+    metrics, outputs = evaluator.evaluate(_forward_model(run)) if evaluator is not None else (None, None)
     state = env.state_of(run.model, run.module)
     captured = {name: _to_cpu(getattr(run.method, name)) for name in job.capture if hasattr(run.method, name)}
     diagnostics = run.method.diagnostics()
@@ -188,6 +188,16 @@ def _run_request(request: RunRequest, job: GroupJob, env: WorkerEnv, caches: dic
     return RunOutput(state=state, seconds=run.result.seconds, history=run.result.history,
                      resumed_from_step=int(resume["step"]) if resume else 0, metrics=metrics, outputs=outputs,
                      captured=captured, label=request.label)
+
+
+def _forward_model(run: Any) -> torch.nn.Module:
+    """The model the evaluation runs forwards on: the unwrapped module, except under FSDP2 (causal LMs), where only
+    the sharded root gathers the parameters it holds (the LM head, the final norm) for a forward. After a LoRA run
+    `run.module` is the merged model inside the peft root (merging keeps the root, without adapters), so its own
+    forward would meet sharded weights; the root's computes the merged model."""
+    from unlearn.checkpoints import is_fully_sharded
+
+    return run.model if is_fully_sharded(run.model) else run.module
 
 
 def _cache(caches: dict, split: Any) -> RowCache:

@@ -4,6 +4,8 @@
 
 - classifiers: the `pytorch` flavor (pickled module), input example `zeros(1, *input_shape)` float32 and the
   signature inferred from it and the model's logits; `mlflow.pytorch.load_model("models:/<id>")` reloads it.
+- causal LMs: the same flavor (the Hugging Face module, adapters merged), input example token ids (1, L) int64,
+  output its next-token logits; the tokenizer is the job's (`dataset.tokenizer`, else the facts corpus's).
 - diffusion (`ConditionalDDPM`): a pyfunc (`DiffusionNoisePredictor`) whose input is a dict of arrays `noise`
   (N, C, H, W) float32 (the denoiser's `noise_shape`: latents for a latent pipeline, whose VAE is pickled along),
   `timestep` (N,) int64 and `labels` (N,) int64 and whose output is the predicted noise;
@@ -48,7 +50,10 @@ with warnings.catch_warnings(record=True):
 
 
 def input_example(input_shape: tuple[int, ...], task: str) -> Any:
-    """A one-sample input of the model's shape: zeros (diffusion: zero noise at timestep 0, label 0)."""
+    """A one-sample input of the model's shape: zeros (diffusion: zero noise at timestep 0, label 0; a causal LM:
+    token ids (1, L) int64, L the packed rows' length)."""
+    if task == "language_modelling":
+        return np.zeros((1, input_shape[-1]), dtype=np.int64)
     x = np.zeros((1, *input_shape), dtype=np.float32)
     if task == "diffusion":
         return {"noise": x, "timestep": np.zeros(1, dtype=np.int64), "labels": np.zeros(1, dtype=np.int64)}
@@ -82,7 +87,9 @@ def save_full(model: torch.nn.Module, path: Path, logged: Any, run_id: str, inpu
                 signature = None
                 if example is not None:
                     with torch.no_grad():
-                        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+                        output = model(torch.from_numpy(example))
+                    output = getattr(output, "logits", output)  # a causal LM: token ids -> next-token logits
+                    signature = infer_signature(example, output.numpy())
                 mlflow.pytorch.save_model(model, str(path), mlflow_model=mlflow_model, signature=signature,
                                           input_example=example, pip_requirements=["torch"],
                                           serialization_format="pickle")

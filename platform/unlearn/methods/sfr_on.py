@@ -54,15 +54,19 @@ def adaptive_weights(losses: torch.Tensor, lam: float, comm: Comm | None = None,
 
 
 class SFRonParams(ForgetBatchParams):
-    lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1), family={"cnn": 7e-4},
+    lr: float = hparam(0.01, gt=0, le=10, search=loguniform(1e-4, 0.1), family={"cnn": 7e-4, "causal_lm": 1e-4},
                        paper=f"{RELEASE}: SGD lr 0.01 (diffusion release: Adam 1e-4); cnn 7e-4, chosen on "
-                             f"{SELECTION} among 7e-4..6e-3: Gap 1.12 (0.01: 6.1 on class 5)",
+                             f"{SELECTION} among 7e-4..6e-3: Gap 1.12 (0.01: 6.1 on class 5); causal_lm: the "
+                             "diffusion release's Adam 1e-4 (AdamW), not selected for language models (`unlearn tune` "
+                             "searches it)",
                        help="learning rate")
     steps: int | None = hparam(150, ge=1, le=10_000_000, search=randint(50, 500),
                                paper=f"{RELEASE}: 1500 iterations for 45k retain images; 150 (~8 retain passes) "
                                      "for digits-sized sets (diffusion release: 150)",
                                help="iterations (each: maybe a forget step, always a retain step)")
-    optimizer: Literal["sgd", "adam", "adamw"] = hparam("sgd", paper=f"{RELEASE}: SGD (DDPM: Adam, DiT: AdamW)",
+    optimizer: Literal["sgd", "adam", "adamw"] = hparam("sgd", family={"causal_lm": "adamw"},
+                                                        paper=f"{RELEASE}: SGD (DDPM: Adam, DiT: AdamW; causal_lm: "
+                                                              "AdamW, as the LLM methods' recipe)",
                                                         help="optimizer")
     momentum: float = hparam(0.9, ge=0, lt=1, paper=f"{RELEASE}: momentum 0.9", help="SGD momentum")
     weight_decay: float = hparam(5e-4, ge=0, le=1, paper=f"{RELEASE}: weight decay 5e-4", help="weight decay")

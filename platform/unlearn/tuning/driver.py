@@ -225,6 +225,7 @@ def _search(plan: Plan, out_dir: Path, state: _State, restore: bool, capture: tu
         # Every number the search reads uses the validation rows as its non-members (TA, MIA, KL): what the
         # reported tables use (the test split) is never read here.
         prep = prepare(spec)
+        spec = prep.spec  # as the task bound it (a language model's tokenizer)
         prep = replace(prep, splits=prep.splits.for_tuning())
         executor = _LazyExecutor(spec)
         weights, _ = original_model(spec, prep.splits, prep.input_shape, executor, prep.task)

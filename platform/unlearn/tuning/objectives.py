@@ -16,7 +16,9 @@ from unlearn.atomic import torch_save_atomic
 from unlearn.spec import JobSpec, MethodSpec
 
 PENALTY = 100.0  # reported by a diverged trial (gap and proxy are percentages)
-REPORTED = ("FA", "RA", "TA", "MIA", "gap", "KL", "proxy")
+# what a trial's rows keep: a classifier's numbers, a language model's (each task reports its own)
+REPORTED = ("FA", "RA", "TA", "MIA", "gap", "KL", "proxy", "forget_quality", "model_utility", "forget_ROUGE",
+            "retain_ROUGE", "privleak")
 
 
 @dataclass

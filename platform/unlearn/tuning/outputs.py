@@ -151,13 +151,18 @@ def plot_trials(rows: list[dict[str, Any]], plan: Plan, path: Path) -> Path:
     return path
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def format_trials(rows: list[dict[str, Any]], plan: Plan, top: int = TOP_ROWS) -> str:
     """The best trials as an aligned table: metrics, then the searched params."""
     metric, mode = plan.metric, plan.spec.tune.mode
     scored = [r for r in rows if r["metrics"].get(metric) is not None and math.isfinite(r["metrics"][metric])]
     scored.sort(key=lambda r: r["metrics"][metric], reverse=mode == "max")
-    header = ["trial", "status", *REPORTED, *plan.space]
-    table = [header] + [[r["trial_id"], r["status"], *(_short(r["metrics"].get(k)) for k in REPORTED),
+    shown = [k for k in REPORTED if any(_finite(r["metrics"].get(k)) for r in scored)]  # the task's own numbers
+    header = ["trial", "status", *shown, *plan.space]
+    table = [header] + [[r["trial_id"], r["status"], *(_short(r["metrics"].get(k)) for k in shown),
                          *(_short(r["config"].get(k)) for k in plan.space)] for r in scored[:top]]
     widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
     text = ["  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(line, widths)))

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from gloo_workers import free_port
 from mlflow.tracking import MlflowClient
 
 from unlearn import cli, loop, spec as spec_mod
@@ -356,7 +357,7 @@ def test_a_tune_trial_survives_a_killed_worker(ray_session, digits, tmp_path, mo
 @pytest.mark.slow
 def test_two_worker_groups_on_a_started_head_overlap_and_match_one_group(digits, tmp_path):
     """`ray start --head --num-cpus 4`: two groups of two workers run methods at the same time."""
-    gcs = _free_port()
+    gcs = free_port()
     with _started_head(tmp_path, [f"--port={gcs}", "--num-cpus=4", "--include-dashboard=false"]):
         _wait_for_gcs(gcs, timeout_s=90)
         # Runs long enough that the groups must overlap even on a loaded machine (at 150 steps, with three
@@ -420,13 +421,6 @@ def test_an_unreachable_address_fails_with_one_line_and_exit_2_quickly(tmp_path)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_job_submitted_to_a_started_head_writes_its_results(digits, tmp_path):
@@ -436,7 +430,7 @@ def test_a_job_submitted_to_a_started_head_writes_its_results(digits, tmp_path):
     The head gets its own temp dir (so its address file never redirects other `ray.init()` calls on this
     machine) and its own process group, which teardown ends (`ray stop` would end every Ray on the machine).
     """
-    gcs, dashboard = _free_port(), _free_port()
+    gcs, dashboard = free_port(), free_port()
     with _started_head(tmp_path, [f"--port={gcs}", f"--dashboard-port={dashboard}", "--num-cpus=3",
                                   "--include-dashboard=true"]):
         _wait_for(f"http://127.0.0.1:{dashboard}/api/version", timeout_s=90)

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import copy
 import pickle
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import free_port, gloo_group, spawn
 
 from unlearn.evaluation.language_modelling import LanguageModellingEvaluator, LMOutputs, retain_subset
 
@@ -91,9 +87,7 @@ def _worker(rank: int, world: int, port: int, folder: str, evaluator: LanguageMo
     from unlearn.models import build_model
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         comm, seen = TorchDistComm(), {}
         for name, (spec, num_outputs, input_shape, state) in states.items():
             model = build_model(spec, num_outputs, input_shape)
@@ -103,15 +97,6 @@ def _worker(rank: int, world: int, port: int, folder: str, evaluator: LanguageMo
                 sharded = wrap_causal_lm(model, "fsdp", "cpu")
                 seen["fitted-fsdp"] = evaluator.evaluate(sharded, comm=comm, device="cpu")
         torch.save(seen, Path(folder) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while the other is still in a collective
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +105,7 @@ def two_ranks(prep, models, evaluator, tmp_path_factory) -> list[dict]:
     fresh = pickle.loads(pickle.dumps(evaluator))  # what a worker receives: no tokenizer, loaded there
     states = {name: (prep.spec.model, prep.splits.num_outputs, prep.input_shape, model.state_dict())
               for name, model in models.items()}
-    context = mp.spawn(_worker, args=(2, _free_port(), str(folder), fresh, states), nprocs=2, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the evaluating workers did not finish in {JOIN_TIMEOUT_S} s (a collective out of step?)")
+    spawn(_worker, (2, free_port(), str(folder), fresh, states), nprocs=2, timeout_s=JOIN_TIMEOUT_S, what="evaluating")
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -11,18 +11,14 @@ two-process scenario and saves what it saw, compared here with the same steps in
 from __future__ import annotations
 
 import copy
-import socket
-import time
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_workers import free_port, gloo_group, spawn
 from torch import nn
 
 import unlearn.methods as methods
@@ -278,34 +274,16 @@ def _steps(name: str, comm, forget: torch.Tensor, retain: torch.Tensor) -> list[
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         comm = TorchDistComm()
         seen = {name: _steps(name, comm, FORGET[rank], RETAIN[rank]) for name in SCENARIOS}
         torch.save(seen, Path(folder) / f"rank{rank}.pt")
-        dist.barrier()  # a rank tearing gloo down while the other is in its last collective aborts it
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("ranks")
-    context = mp.spawn(_worker, args=(2, _free_port(), str(folder)), nprocs=2, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the workers did not finish in {JOIN_TIMEOUT_S} s (a collective out of step?)")
+    spawn(_worker, (2, free_port(), str(folder)), nprocs=2, timeout_s=JOIN_TIMEOUT_S, what="method")
     return torch.load(folder / "rank0.pt", weights_only=False)
 
 

@@ -10,15 +10,11 @@ loads the first one's checkpoint.
 
 from __future__ import annotations
 
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import free_port, gloo_group, spawn
 
 from unlearn.comm import LocalComm, TorchDistComm
 from unlearn.lm_sharding import (accumulation_steps, filler_row, frozen_reference_sharded, gather_full_state,
@@ -106,18 +102,11 @@ def _logits(model, ids, mask) -> torch.Tensor:
 
 def _worker(rank: int, world: int, port: int, folder: str, phase: str, eos: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         comm = TorchDistComm()
         rows = RANK_ROWS[rank]
         seen = _first_job(rank, comm, rows, folder, eos) if phase == "first" else _resumed_job(comm, rows, folder)
         torch.save(seen, Path(folder) / f"{phase}-rank{rank}.pt")
-        # Tearing gloo down while the other rank may still be in its last collective aborts the process
-        # ("terminate called without an active exception", seen about one run in ten without this barrier).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _first_job(rank: int, comm, rows: slice, folder: str, eos: int) -> dict:
@@ -174,22 +163,9 @@ def _resumed_job(comm, rows: slice, folder: str) -> dict:
             "state3": gather_full_state(model)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(folder: Path, phase: str, eos: int) -> list[dict]:
     """Run `phase` on two gloo workers; fail (and kill them) if they have not finished in JOIN_TIMEOUT_S."""
-    context = mp.spawn(_worker, args=(2, _free_port(), str(folder), phase, eos), nprocs=2, join=False)
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            pytest.fail(f"the {phase} workers did not finish in {JOIN_TIMEOUT_S} s (a collective out of step?)")
+    spawn(_worker, (2, free_port(), str(folder), phase, eos), nprocs=2, timeout_s=JOIN_TIMEOUT_S, what=phase)
     return [torch.load(folder / f"{phase}-rank{r}.pt", weights_only=False) for r in range(2)]
 
 

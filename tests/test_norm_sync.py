@@ -9,15 +9,12 @@ plain BatchNorm on the whole batch. Plain BatchNorm on the shares fails every co
 from __future__ import annotations
 
 import copy
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from gloo_workers import free_port, gloo_group, spawn
 from torch import nn
 
 from unlearn.comm import LocalComm, TorchDistComm
@@ -26,6 +23,7 @@ from unlearn.norm_sync import sync_norm_stats
 
 STEPS = 3
 TOL = {"rtol": 1e-5, "atol": 1e-6}
+JOIN_TIMEOUT_S = 150  # under the test's 180 s: a collective out of step fails the test with its own message
 
 
 def _conv() -> nn.Module:
@@ -118,28 +116,16 @@ def _train(name: str, shares: tuple[int, ...], rank: int, comm: _CountingComm | 
 
 def _worker(rank: int, world: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port):
         comm = _CountingComm()
         torch.save({name: _train(name, shares, rank, comm) for name, shares in CASES[world]},
                    Path(folder) / f"rank{rank}.pt")
-        # tearing gloo down while the other rank is still in its last collective aborts it (SIGABRT, seen in make test)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [2, 3])
 def test_workers_match_one_process_on_the_whole_batch(world, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    spawn(_worker, (world, free_port(), str(tmp_path)), nprocs=world, timeout_s=JOIN_TIMEOUT_S, what="norm sync")
     seen = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for name, shares in CASES[world]:
         ref = _train(name, shares, 0, None)

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gloo_workers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -56,12 +56,6 @@ JOBS = {"soak-a": (1, SHORT), "soak-b": (2, SHORT), "soak-long": (3, LONG)}
 STOPPED = "soak-long"
 TUNE = "soak-tune"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(url: str) -> bool:
@@ -93,7 +87,7 @@ class Head:
     """`ray start --head --num-cpus 4 --block` in its own session and temp dir; the job API over HTTP."""
 
     def __init__(self, work: Path, env: dict[str, str]) -> None:
-        self.gcs, self.dashboard = _free_port(), _free_port()
+        self.gcs, self.dashboard = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard}"
         self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
         self.cwd = work / "head-cwd"  # where a relative path in a driver would land: must stay empty
@@ -147,7 +141,7 @@ class MlflowServer:
 
     def __init__(self, folder: Path, env: dict[str, str]) -> None:
         folder.mkdir()
-        self.folder, self.port = folder, _free_port()
+        self.folder, self.port = folder, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",

@@ -58,3 +58,24 @@ def test_sfr_on_forgets_golden_retriever_of_a_pretrained_imagenet_dit(tmp_path):
     assert methods["original"]["FA"] >= 50 and methods["sfr_on"]["FA"] <= 20
     assert methods["sfr_on"]["CA"] >= methods["original"]["CA"] - 15
     assert methods["sfr_on"]["FD"] <= 1.5 * methods["original"]["FD"]
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not os.environ.get("UNLEARN_LLAMA_1B"),
+                    reason="set UNLEARN_LLAMA_1B (a local Llama-3.2-1B folder: config, weights, tokenizer)")
+def test_npo_and_grogu_unlearn_facts_on_a_1b_llama_with_fsdp_and_lora(tmp_path):
+    from unlearn import spec as spec_mod
+    from unlearn.job import run_job
+
+    spec = spec_mod.load(ROOT / "jobs" / "llm-llama-1b.yaml", [
+        f"model.path={os.environ['UNLEARN_LLAMA_1B']}", f"ray.num_workers={max(1, torch.cuda.device_count())}",
+        f"cache_dir={tmp_path / 'cache'}", "tracking.enabled=false"])
+    methods = run_job(spec, tmp_path / "out", progress="quiet")["methods"]
+    # The fine-tuned original knows its facts; retrain never saw the forget people; the methods move towards it.
+    assert methods["original"]["forget_ROUGE"] >= 0.9 and methods["original"]["forget_quality"] <= 0.01
+    assert methods["retrain"]["forget_ROUGE"] <= 0.5
+    for name in ("npo", "grogu"):
+        assert methods[name]["forget_ROUGE"] < methods["original"]["forget_ROUGE"]
+        assert methods[name]["model_utility"] >= 0.5 * methods["retrain"]["model_utility"]

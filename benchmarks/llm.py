@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--note", dest="notes", action="append", default=[])
     p.add_argument("--rewrite", action="store_true", help="only re-render llm.md from llm.json")
+    p.add_argument("--lora-tuned", type=Path, default=None,
+                   help="tuned.json of a LoRA search (benchmarks/llm.py --phase tune --set model.lora=...): shown "
+                        "beside the full-parameter settings")
     return p.parse_args(argv)
 
 
@@ -138,14 +141,14 @@ def run(args: argparse.Namespace, kind: str, seed: int, extra: list[str], names:
     out_dir = args.work / kind / f"seed{seed}"
     done = out_dir / "results.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return {**json.loads(done.read_text()), "seed": seed}
     spec = load_spec(args, seed, extra)
     spec = load_spec(args, seed, [*extra, tuned_methods(args, spec, names)])
     t0 = time.perf_counter()
     results = run_job(spec, out_dir, progress="quiet")
     results["wall_seconds"] = time.perf_counter() - t0
     write_json_atomic(results, done)
-    return results
+    return {**results, "seed": seed}
 
 
 def retrain_pair(args: argparse.Namespace, seed: int) -> dict:
@@ -221,8 +224,8 @@ def checks(data: dict) -> list[tuple[str, str, str]]:
         out.append(("original answers its training questions: ROUGE-L recall >= 0.95",
                     "met" if min(rouge) >= 0.95 else "not met", ", ".join(f"{v:.3f}" for v in rouge)))
         ret = [r["methods"]["retrain"] for r in report]
-        ok = all(m["forget_ROUGE"] <= m["held_out_ROUGE"] + 0.02 for m in ret)
-        out.append(("retrain answers the forget people no better than held-out ones (ROUGE-L recall, +0.02 slack)",
+        ok = all(m["forget_ROUGE"] <= m["held_out_ROUGE"] for m in ret)
+        out.append(("retrain answers the forget people no better than held-out ones (ROUGE-L recall)",
                     "met" if ok else "not met",
                     "; ".join(f"forget {m['forget_ROUGE']:.3f} vs held-out {m['held_out_ROUGE']:.3f}" for m in ret)))
         fq = [o.get("forget_quality") for o in orig]
@@ -258,9 +261,11 @@ def checks(data: dict) -> list[tuple[str, str, str]]:
         for name in ("npo", "grogu"):
             if name in full and name in adapted:
                 f, a = spread(full[name]["forget_quality"])[0], spread(adapted[name]["forget_quality"])[0]
-                ok = a > 0 and f > 0 and max(f / a, a / f) <= 10
+                # one-sided: LoRA may not lose more than 10x; both below 1e-4 is no evidence either way
+                ok = a >= f / 10 and max(a, f) >= 1e-4
                 out.append((f"{name} with LoRA reaches forget quality within 10x of its full-parameter run",
-                            "met" if ok else "not met", f"LoRA {a:.3g} vs full {f:.3g}"))
+                            "met" if ok else "not met", f"LoRA {a:.3g} vs full {f:.3g}"
+                            + ("" if max(a, f) >= 1e-4 else " (both below 1e-4)")))
     return out
 
 
@@ -285,6 +290,17 @@ def write(data: dict, out: Path) -> None:
             lines.append(f"| {name} | `{json.dumps(t.get('params'))}` | {gap if gap is None else f'{gap:.2f}'} | "
                          f"{t.get('wall_seconds', 0):.0f} |")
         lines.append("")
+    lora_tuned = data.get("tuned_lora") or {}
+    if lora_tuned:
+        lines += ["LoRA runs were searched the same way (same budget, same validation people) with `model.lora` set, "
+                  "since adapters need their own learning rate (at the full-parameter settings LoRA NPO did not move: "
+                  "`lora_untuned` in llm.json):", "", "| method (LoRA) | tuned params | validation gap | search s |",
+                  "|---|---|---:|---:|"]
+        for name, t in (lora_tuned.get("methods") or {}).items():
+            gap = (t.get("metrics") or {}).get("gap")
+            lines.append(f"| {name} | `{json.dumps(t.get('params'))}` | {gap if gap is None else f'{gap:.2f}'} | "
+                         f"{t.get('wall_seconds', 0):.0f} |")
+        lines.append("")
     for key, title in (("report", "forget10 (20 people), seeds {seeds}"),
                        ("category", f"category mismatch (target {CATEGORY}, half of its trained people handed over), "
                                     "seeds {seeds}"),
@@ -292,13 +308,13 @@ def write(data: dict, out: Path) -> None:
         runs = data.get(key) or []
         if not runs:
             continue
-        seeds = [r.get("seed", r.get("forget", {}).get("seed")) for r in runs]
-        lines += [f"## {title.format(seeds=', '.join(str(s) for s in data.get('seeds', [])))}", "",
+        seeds = [r.get("seed") for r in runs]
+        lines += [f"## {title.format(seeds=', '.join(str(s) for s in seeds))}", "",
                   "mean ± std over seeds; forget quality and gap against each seed's retrain; seconds of the "
                   "unlearning itself, speed-up vs retrain.", "", table(summarise(runs)), ""]
         sizes = runs[0].get("sizes")
         if sizes:
-            lines += [f"Rows (QA pairs) per split at seed {data.get('seeds', [0])[0]}: {sizes}; forget set: "
+            lines += [f"Rows (QA pairs) per split at seed {seeds[0]}: {sizes}; forget set: "
                       f"{runs[0].get('forget')}.", ""]
     pairs = data.get("retrain_pairs") or []
     if pairs:
@@ -335,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                                           f"{torch.__version__}")
     if args.notes:
         data["notes"] = args.notes
+    if args.lora_tuned:
+        data["tuned_lora"] = json.loads(args.lora_tuned.read_text())
     names = job_methods(load_spec(args, 0), args.methods)
     if args.phase in ("all", "tune"):
         data["tuned"] = tune(args)

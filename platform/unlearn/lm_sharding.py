@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from unlearn.checkpoints import is_fully_sharded  # re-exported: FSDP2's test lives beside FSDP1's
 from unlearn.methods.token_losses import IGNORE_INDEX, decoder_layers
 from unlearn.models.causal_lm import is_peft, reference_model
 
@@ -58,13 +59,6 @@ _POLICIES: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictiona
 
 
 # --- wrapping ----------------------------------------------------------------------------------------------------
-
-def is_fully_sharded(model: nn.Module) -> bool:
-    """Whether `model` is an FSDP2 (`fully_shard`) module."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP (FSDP2 changes the module in place: it is its own unwrapped model)."""

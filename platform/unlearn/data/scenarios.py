@@ -254,12 +254,12 @@ def drawn_classes(cls_train: np.ndarray, num_classes: int, fraction: float, seed
     """`fraction` of all classes (at least one), drawn from those with training rows: one seeded permutation cut
     at the count, so the draws of one seed are nested (TOFU's forget01 inside forget05 inside forget10; TOFU
     counts the share on every entity, held-out ones included, as this does on every class)."""
-    count = max(1, int(round(fraction * num_classes)))
+    count = share_count(fraction, num_classes)
     trained = np.unique(cls_train)
     if count >= len(trained):
         raise SpecError("forget.fraction", f"{fraction} of {num_classes} classes ({count}) leaves no class with "
                                            f"training rows to retain ({len(trained)} have some)")
-    return sorted(int(c) for c in np.random.default_rng([seed, 0xF0E7]).permutation(trained)[:count])
+    return seeded_subset(trained, count, seed, 0xF0E7)
 
 
 def validation_classes(splits: Splits, num_classes: int, fraction: float, seed: int) -> list[int]:
@@ -267,12 +267,23 @@ def validation_classes(splits: Splits, num_classes: int, fraction: float, seed: 
     drawn from the classes of the retain split, so the job's target concept (its forget set included) is in none
     of it and nothing a search selects has read the reported forget set. Tune on
     `forget: {kind: class, classes: <these>}`; the job's own forget classes are then retained data there."""
-    count = max(1, int(round(fraction * num_classes)))
+    count = share_count(fraction, num_classes)
     kept = np.unique(splits.retain.y)
     if count >= len(kept):
         raise SpecError("forget.fraction", f"a validation forget set of {count} classes leaves none of the "
                                            f"{len(kept)} retained classes to retain")
-    return sorted(int(c) for c in np.random.default_rng([seed, 0x5A11D]).permutation(kept)[:count])
+    return seeded_subset(kept, count, seed, 0x5A11D)
+
+
+def share_count(fraction: float, n: int) -> int:
+    """How many of `n` a share `fraction` picks: rounded, at least one."""
+    return max(1, int(round(fraction * n)))
+
+
+def seeded_subset(pool: Any, count: int, seed: int, stream: int) -> list[int]:
+    """`count` ids of `pool`, sorted: one permutation from (seed, stream) cut at the count, so the draws of one seed
+    and stream are nested as the count grows, and different streams of one seed do not correlate."""
+    return sorted(int(c) for c in np.random.default_rng([seed, stream]).permutation(np.asarray(pool))[:count])
 
 
 def _backdoor_forget(ds: Any, spec: ForgetSpec, seed: int, describe: dict[str, Any]) -> np.ndarray:
@@ -336,8 +347,7 @@ def _concept(ds: ImageDataset, spec: ForgetSpec, cls_train: np.ndarray, cls_test
         target_labels = target_classes if spec.mismatch == "target" else [t]
     if spec.given_fraction is not None:  # a seeded share of the concept's classes (with training rows)
         members = [c for c in target_classes if np.any(cls_train == c)]
-        count = max(1, int(round(spec.given_fraction * len(members))))
-        given_classes = sorted(int(c) for c in np.random.default_rng([seed, 0xC0C]).permutation(members)[:count])
+        given_classes = seeded_subset(members, share_count(spec.given_fraction, len(members)), seed, 0xC0C)
     _check_classes(ds, given_classes, "forget.given")
     outside = sorted(set(given_classes) - set(target_classes))
     if outside:

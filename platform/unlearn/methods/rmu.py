@@ -14,41 +14,21 @@ computes the same step.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch import nn
 
-from unlearn.data.qa_batches import QABatch, unpack_rows
+from unlearn.data.qa_batches import unpack_rows
 from unlearn.errors import SpecError
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.lm_defaults import (OPEN_UNLEARNING, lm_batch_size, lm_epochs, lm_lr, lm_optimizer,
                                          lm_weight_decay)
-from unlearn.methods.token_losses import IGNORE_INDEX, decoder_layers, random_control_vector, rmu_loss
+from unlearn.methods.token_losses import IGNORE_INDEX, decoder_layers, layer_forward, random_control_vector, rmu_loss
 from unlearn.models.causal_lm import AdaptersOff
 from unlearn.params import ForgetBatchParams, hparam, loguniform
 
 RMU_CONFIG = f"{OPEN_UNLEARNING} configs/trainer/RMU.yaml"
-
-
-def caught_forward(model: nn.Module, layer: nn.Module, qa: QABatch) -> tuple[torch.Tensor, Any]:
-    """(the hidden state (N, L, H) after decoder layer `layer`, the model's output) of one forward of `model`.
-
-    `token_losses.layer_activations` with the output kept (the student ties its unused layers to the loss) and the
-    hooked module given apart from the model that runs: a LoRA run's frozen original is the student with its
-    adapters off (`causal_lm.AdaptersOff`), which runs through the student's own layers."""
-    caught: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-        caught.append(output[0] if isinstance(output, tuple) else output)
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        output = model(input_ids=qa.input_ids, attention_mask=qa.attention_mask, use_cache=False)
-    finally:
-        handle.remove()
-    return caught[0], output
 
 
 def resolve_layer(layer: int | None, count: int) -> int:
@@ -107,10 +87,10 @@ class RMU(Method):
     def step(self, ctx: Context, forget: Batch | None, retain: Batch | None) -> dict[str, float]:
         p = self.params
         f_qa, r_qa = unpack_rows(forget.x), unpack_rows(retain.x)
-        forget_acts, forget_out = caught_forward(ctx.model, self.student_layer, f_qa)
-        retain_acts, retain_out = caught_forward(ctx.model, self.student_layer, r_qa)
+        forget_acts, forget_out = layer_forward(ctx.model, self.student_layer, f_qa.input_ids, f_qa.attention_mask)
+        retain_acts, retain_out = layer_forward(ctx.model, self.student_layer, r_qa.input_ids, r_qa.attention_mask)
         with torch.no_grad():
-            original_acts, _ = caught_forward(ctx.original, self.original_layer, r_qa)
+            original_acts, _ = layer_forward(ctx.original, self.original_layer, r_qa.input_ids, r_qa.attention_mask)
         if self.control is None:
             self.control = random_control_vector(forget_acts.shape[-1], self.seed, device=forget_acts.device)
         parts = rmu_loss(forget_acts, retain_acts, original_acts, self.control, p.steering_coeff, p.alpha,

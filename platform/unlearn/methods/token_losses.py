@@ -2,7 +2,8 @@
 
 The LLM forms of CURE (token-level DELETE / GSR, GHR, GROGU) and of the usual LLM baselines (GA, GradDiff, NPO,
 SimNPO, RMU) are written here once, apart from any engine, so the maths can be checked on tiny tensors and the
-methods that use it stay short. Nothing here calls a model except `layer_activations`, which takes one explicitly.
+methods that use it stay short. Nothing here calls a model except `layer_forward` / `layer_activations`, which take
+one explicitly.
 
 Conventions
 -----------
@@ -55,7 +56,7 @@ holds a shard of each gradient, so the dot products must be summed over workers 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -277,12 +278,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def layer_activations(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                       layer: int) -> torch.Tensor:
     """The hidden state (N, L, H) after decoder layer `layer` (0-based, as WMDP's `layer_id` and open-unlearning's
-    `model.layers.<i>`), caught by a forward hook during one forward of `model`.
+    `model.layers.<i>`), caught by a forward hook during one forward of `model` (`layer_forward`).
 
     It carries a graph whenever the forward does (grad enabled and trainable weights at or below the layer), so it
     serves both the student and, under `torch.no_grad()` or `frozen_reference`, the frozen original. A hook rather
     than `output_hidden_states`: llama's last hidden state there is after the final norm, not the layer's output.
     """
+    return layer_forward(model, decoder_layers(model)[layer], input_ids, attention_mask)[0]
+
+
+def layer_forward(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+    """(the hidden state (N, L, H) after the decoder layer module `layer`, the model's output) of one forward of
+    `model`. The hooked layer is given apart from the model that runs: a LoRA run's frozen original is the student
+    with its adapters off (`causal_lm.AdaptersOff`), which runs through the student's own layers; the output is
+    kept for a caller that ties the layers above to its loss (RMU)."""
     caught: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
@@ -290,9 +300,9 @@ def layer_activations(model: nn.Module, input_ids: torch.Tensor, attention_mask:
         # activation checkpointing may run the layer again in backward, after the hook is gone
         caught.append(output[0] if isinstance(output, tuple) else output)
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    handle = layer.register_forward_hook(hook)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         handle.remove()
-    return caught[0]
+    return caught[0], output

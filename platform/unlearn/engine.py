@@ -223,8 +223,8 @@ def group_loop(config: dict[str, Any]) -> None:
 
     quiet_worker_logs()
     job: GroupJob = ray.get(config["job"])
-    if any(is_causal_lm(r) for r in job.requests):
-        return_freed_memory()  # before the model is built: FSDP frees a gathered layer per unit and step
+    if any(family_wrap(r) is not None for r in job.requests):
+        return_freed_memory()  # before the model is built: FSDP2 frees a gathered layer per unit and step
     context = ray.train.get_context()  # (1) rank and device from Ray Train
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -301,7 +301,7 @@ class Wrapper:
     size, each worker's loss is weighted by its slice's share (through its output's gradient). Ray's prepare_model
     allows FSDP on GPUs only; on CPU workers the engine wraps with torch's FullyShardedDataParallel (gloo).
 
-    Causal LMs (the model family's task is language modelling) are wrapped by `lm_sharding.wrap_causal_lm`
+    A model family with its own wrap (`ModelFamily.wrap`: causal LMs, `lm_sharding.wrap_causal_lm`) is wrapped by it
     instead: DDP (under LoRA only the adapters require grad, so only they are all-reduced), or FSDP2 for
     `ray.strategy: fsdp` (`fully_shard` per decoder layer, then the root; a peft LoRA model is sharded alike,
     frozen base weights included), whose checkpoints are each rank's shards (checkpoints.py). On GPUs FSDP2
@@ -321,12 +321,11 @@ class Wrapper:
         from unlearn.norm_sync import sync_norm_stats
 
         world = self.comm.world_size
-        if is_causal_lm(request):
+        own = family_wrap(request)
+        if own is not None:
             if world == 1:  # nothing to share or reduce
                 return module.to(self.device)
-            from unlearn.lm_sharding import wrap_causal_lm
-
-            return wrap_causal_lm(module, self.strategy, self.device, mixed_precision=self.device.type == "cuda")
+            return own(module, self.strategy, self.device, self.device.type == "cuda")
         if world > 1:
             module = sync_norm_stats(module, self.comm)
         if self.strategy == "fsdp" and self.device.type == "cpu" and world > 1:
@@ -341,11 +340,12 @@ class Wrapper:
                                              parallel_strategy_kwargs=kwargs)
 
 
-def is_causal_lm(request: RunRequest) -> bool:
-    """Whether the request's model is a causal LM (its family serves the language-modelling task)."""
+def family_wrap(request: RunRequest) -> Callable[..., torch.nn.Module] | None:
+    """The request's model family's own wrap for several workers (causal LMs: `lm_sharding`'s DDP or FSDP2), or None
+    where the engine's DDP / FSDP serves."""
     from unlearn.models import MODELS
 
-    return request.model is not None and MODELS.lookup(request.model.name).task == "language_modelling"
+    return MODELS.lookup(request.model.name).wrap if request.model is not None else None
 
 
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"

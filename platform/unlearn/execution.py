@@ -25,7 +25,7 @@ from unlearn.methods.base import Context, Method
 from unlearn.models import MODELS, build_model, reinitialise
 from unlearn.params import MethodParams
 from unlearn.spec import ModelSpec
-from unlearn.tasks import get_task, loss_for, relabel_for, sampler_for
+from unlearn.tasks import get_task
 
 
 @dataclass
@@ -116,7 +116,7 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
     module = module if module is not None else new_model(request)
     if method.from_scratch:
         original: nn.Module = _NoOriginal()  # nothing to compare against: the run trains from its start
-        module = fresh_start(request, module)
+        module = fresh_start(request, module, family)
     else:
         if family is not None and family.adapt is not None and request.role == "method":
             module = family.adapt(request.model, module)
@@ -143,10 +143,11 @@ def execute(request: RunRequest, forget: loop.Stream, retain: loop.Stream, *, co
             optimizer.load_state_dict(resume["optimizer"])
         if scheduler is not None and resume.get("scheduler"):
             scheduler.load_state_dict(resume["scheduler"])
+    task = get_task(request.task)
     ctx = Context(
         model=model, module=module, original=original, optimizer=optimizer, params=method.params,
-        loss=loss_for(request.task), relabel=relabel_for(request.task), sample=sampler_for(request.task),
-        rows=get_task(request.task).rows, global_rows=get_task(request.task).global_rows, task=request.task,
+        loss=task.loss, relabel=task.relabel, sample=task.sample, rows=task.rows, global_rows=task.global_rows,
+        task=request.task,
         num_classes=request.num_outputs,
         forget_size=forget.size, retain_size=retain.size,
         forget_batches=forget.one_pass, retain_batches=retain.one_pass,
@@ -169,10 +170,9 @@ def frozen_copy(module: nn.Module, device: torch.device) -> nn.Module:
     return original
 
 
-def fresh_start(request: RunRequest, module: nn.Module) -> nn.Module:
+def fresh_start(request: RunRequest, module: nn.Module, family: Any = None) -> nn.Module:
     """The starting weights of a from-scratch run (retrain, the original's training): a fresh initialisation from the
-    seed, or, for a family that fine-tunes a `path` model, that model's own weights (never re-initialised)."""
-    family = MODELS.lookup(request.model.name) if request.model is not None else None
+    seed, or, for a `family` that fine-tunes a `path` model, that model's own weights (never re-initialised)."""
     if family is not None and family.fine_tunes_base and getattr(request.model, "path", None):
         return new_model(replace(request, initial_state=None))
     reinitialise(module, request.seed)

@@ -34,11 +34,8 @@ def logits_of(model: nn.Module, qa: QABatch) -> torch.Tensor:
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Each sequence's NLL averaged over its answer tokens, shape (batch,)."""
-    from unlearn.methods.token_losses import sequence_nll
-
-    qa = unpack_rows(batch.x)
-    nll, tokens = sequence_nll(logits_of(model, qa), qa.labels)
-    return nll / tokens.clamp_min(1).to(nll.dtype)
+    logp, tokens = sequence_logprob(model, batch)
+    return -logp / tokens.clamp_min(1).to(logp.dtype)
 
 
 def token_rows(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +71,7 @@ def bind_job(spec: "JobSpec") -> "JobSpec":
     if model.path is not None or model.tokenizer is not None:  # the model's own tokenizer encodes the facts
         if dataset.tokenizer is None:
             dataset = dataset.model_copy(update={"tokenizer": str(tokenizer_location(model))})
-    if model.tokenizer is None and model.path is None:  # a fresh model speaks the dataset's tokenizer
+    else:  # a fresh model speaks the dataset's tokenizer
         where = tokenizer_path(dataset, corpus_of(dataset, spec.seed, spec.cache_dir))
         model = model.model_copy(update={"tokenizer": str(where)})
     return spec.model_copy(update={"model": model, "dataset": dataset})

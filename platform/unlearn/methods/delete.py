@@ -18,7 +18,7 @@ import torch
 from unlearn.errors import SpecError
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
-from unlearn.methods.distill import MASKED_LOGIT, kl_to_teacher, student_teacher_rows, token_rows
+from unlearn.methods.distill import MASKED_LOGIT, kl_to_teacher, student_teacher_rows, rows_are_tokens
 from unlearn.methods.lm_defaults import (CAUSAL_LM, CURE_LM_LR, CURE_LM_MEASURED, LM_BATCH, LM_EPOCHS, LM_OPTIMIZER,
                                          LM_WEIGHT_DECAY, causal_lm_note)
 from unlearn.params import SELECTION, ForgetBatchParams, hparam, loguniform
@@ -83,7 +83,7 @@ class Delete(Method):
     summary = "distil from the original with the forgotten label's logit masked; forget data only"
 
     def setup(self, ctx: Context) -> None:
-        if self.params.mask_label is not None and token_rows(ctx):
+        if self.params.mask_label is not None and rows_are_tokens(ctx):
             raise SpecError("params.mask_label", "masks one class of a classifier for every sample; a language model "
                                                  "masks each answer token's own next token (leave mask_label unset)")
 

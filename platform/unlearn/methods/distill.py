@@ -52,7 +52,7 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_probs: torch.Tensor, tem
     return F.kl_div(log_student, teacher_probs, reduction=reduction) * temperature**2
 
 
-def token_rows(ctx: Context) -> bool:
+def rows_are_tokens(ctx: Context) -> bool:
     """Whether the task's rows are a language model's answer tokens (each forgets its own next token) rather
     than a classifier's samples (all forget the forget set's classes)."""
     return ctx.task == "language_modelling"

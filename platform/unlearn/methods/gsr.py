@@ -18,7 +18,7 @@ import torch
 from unlearn.methods import register
 from unlearn.methods.base import Batch, Context, Method
 from unlearn.methods.distill import (check_kept_classes, forgotten_classes, kl_to_teacher, own_label_mask,
-                                     student_teacher_rows, token_rows)
+                                     student_teacher_rows, rows_are_tokens)
 from unlearn.methods.lm_defaults import (CAUSAL_LM, CURE_LM_LR, CURE_LM_MEASURED, LM_BATCH, LM_EPOCHS, LM_OPTIMIZER,
                                          LM_WEIGHT_DECAY, causal_lm_note)
 from unlearn.params import ForgetBatchParams, hparam, loguniform
@@ -44,7 +44,7 @@ def forgotten_of(ctx: Context, mask_classes: list[int] | None) -> torch.Tensor |
     language model, whose rows each mask their own next token (`rows_forgotten`). `mask_classes` name classes
     (entities of the facts set), not tokens, so a language model has no use for them: a concept's entities reach
     it as forget rows instead."""
-    return None if token_rows(ctx) else forgotten_classes(ctx, mask_classes)
+    return None if rows_are_tokens(ctx) else forgotten_classes(ctx, mask_classes)
 
 
 def rows_forgotten(forgotten: torch.Tensor | None, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,9 @@ class ModelFamily:
     adapt: Callable[[Any, nn.Module], nn.Module] | None = None
     merge: Callable[[nn.Module], nn.Module] | None = None
     reference: Callable[[nn.Module, nn.Module], nn.Module] | None = None
+    # `wrap(module, strategy, device, mixed_precision)`: the family's own wrap for several workers (DDP, or its own
+    # sharding for `ray.strategy: fsdp`), in place of the engine's DDP / FSDP1; None: the engine's
+    wrap: Callable[[nn.Module, str, torch.device, bool], nn.Module] | None = None
     # True: a `path` model is the base every run starts from: the original is the base trained on all training
     # data, retrain the base trained on the retain data (never re-initialised). False: a `path` model is the
     # original itself, and retrain starts from a fresh initialisation.
@@ -46,7 +49,7 @@ MODELS.register("ddpm", ModelFamily(ddpm.build_ddpm, task="diffusion"))
 MODELS.register("dit", ModelFamily(dit.build_dit, task="diffusion"))
 MODELS.register("causal_lm", ModelFamily(causal_lm.build_for_job, task="language_modelling", adapt=causal_lm.adapt,
                                          merge=causal_lm.merge_adapters, reference=causal_lm.frozen_original,
-                                         fine_tunes_base=True))
+                                         wrap=causal_lm.wrap_for_workers, fine_tunes_base=True))
 
 
 def build_model(spec: ModelSpec, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:

@@ -301,6 +301,14 @@ def frozen_original(model: nn.Module, module: nn.Module) -> nn.Module:
     return reference_model(module)
 
 
+def wrap_for_workers(module: nn.Module, strategy: str, device: torch.device, mixed_precision: bool) -> nn.Module:
+    """The family's wrap on several workers (`ModelFamily.wrap`): `lm_sharding.wrap_causal_lm`, DDP or FSDP2 per
+    decoder layer (bf16 compute with fp32 reduction where `mixed_precision`)."""
+    from unlearn.lm_sharding import wrap_causal_lm
+
+    return wrap_causal_lm(module, strategy, device, mixed_precision=mixed_precision)
+
+
 # --- LoRA ----------------------------------------------------------------------------------------------------
 
 def _adaptable(module: nn.Module) -> bool:

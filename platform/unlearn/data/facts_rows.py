@@ -49,11 +49,12 @@ def tokenizer_path(spec: DatasetSpec, corpus: FactsCorpus) -> Path:
     return Path(spec.tokenizer).expanduser() if spec.tokenizer else corpus.folder / TOKENIZER_FILE
 
 
-def dataset_tokenizer(spec: DatasetSpec, seed: int, cache: str | Path) -> Any:
-    """The job's tokenizer as a transformers tokenizer (with a pad token)."""
+def dataset_tokenizer(spec: DatasetSpec, seed: int, cache: str | Path, corpus: FactsCorpus | None = None) -> Any:
+    """The job's tokenizer as a transformers tokenizer (with a pad token); `corpus`: the job's, where already read."""
     from unlearn.models.causal_lm import tokenizer_at
 
-    return tokenizer_at(tokenizer_path(spec, corpus_of(spec, seed, cache)), "dataset.tokenizer")
+    corpus = corpus if corpus is not None else corpus_of(spec, seed, cache)
+    return tokenizer_at(tokenizer_path(spec, corpus), "dataset.tokenizer")
 
 
 @dataclass
@@ -92,7 +93,7 @@ def load_facts_dataset(spec: DatasetSpec, seed: int, cache: str | Path) -> Image
     from unlearn.data.qa_batches import encode_qa, pack_rows
 
     corpus = corpus_of(spec, seed, cache)
-    tokenizer = dataset_tokenizer(spec, seed, cache)
+    tokenizer = dataset_tokenizer(spec, seed, cache, corpus)
     parts = texts(corpus)
     encoded = {part: encode_qa(tokenizer, t.question, t.answer) for part, t in parts.items()}
     length = max(int(b.input_ids.shape[1]) for b in encoded.values())

@@ -139,6 +139,7 @@ class LanguageModellingEvaluator:
             self.sides[side] = SideTexts(list(t.question), list(t.answer), list(t.paraphrase),
                                          [list(p) for p in t.perturbed])
         self._tokenizer: Any = None
+        self._new_tokens: int | None = None  # greedy decoding's step count (`_max_new_tokens`)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -237,10 +238,13 @@ class LanguageModellingEvaluator:
 
     def _max_new_tokens(self, tok: Any) -> int:
         """The longest reference answer (of every side, tokens plus its <eos>) and a little room: the
-        same on every rank, since every rank holds every side's texts."""
-        answers = [a for side in SIDES for a in self.sides[side].answer]
-        longest = max((len(ids) for ids in tok.encode_many(answers)), default=0)
-        return longest + 1 + EXTRA_NEW_TOKENS
+        same on every rank, since every rank holds every side's texts. Encoded once per evaluator (the texts and
+        the tokenizer never change), not per side and evaluation."""
+        if self._new_tokens is None:
+            answers = [a for side in SIDES for a in self.sides[side].answer]
+            longest = max((len(ids) for ids in tok.encode_many(answers)), default=0)
+            self._new_tokens = longest + 1 + EXTRA_NEW_TOKENS
+        return self._new_tokens
 
     def _greedy(self, model: nn.Module, tok: Any, side: str, positions: np.ndarray, comm: Comm,
                 where: torch.device) -> tuple[list[str], torch.Tensor]:
